@@ -1,0 +1,218 @@
+"""`actvar-export`: a thin command line over the Python API."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import ActVarError
+
+RANDOM_WARNING = "NOTE: random weights — this is not a trained model; images will be noise-like textures."
+
+
+class _Group(click.Group):
+    """User errors (ActVarError) become one line on stderr and exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ActVarError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _ints(text: str, what: str):
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ActVarError(f"invalid {what} {text!r}: expected integers separated by commas") from None
+
+
+def _overrides(token_ratio, expert_ratio, active_scales):
+    return {"token_ratio": token_ratio, "expert_ratio": expert_ratio,
+            "active_scales": None if active_scales is None else tuple(_ints(active_scales, "active scales"))}
+
+
+actvar_options = [
+    click.option("--token-ratio", type=float, default=None, help="Override ρ_t, the share of tokens each ActVAR block updates (0, 1]."),
+    click.option("--expert-ratio", type=float, default=None, help="Override ρ_w, the share of experts each token uses (0, 1]."),
+    click.option("--active-scales", default=None, help="Override the 0-based scales with dynamic activation, e.g. '8,9'."),
+]
+
+
+def _apply(opts):
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="actvar-export")
+def main():
+    """Compile ActVAR / VAR image generators for deployment.
+
+    \b
+    init-ckpt  make a RANDOM-weight checkpoint in the official layout (for trying things out)
+    sample     generate images with the PyTorch reference
+    inspect    sizes, ActVAR settings, static top-k sizes and FLOPs of a checkpoint
+    """
+
+
+@main.command("init-ckpt")
+@click.option("--depth", type=int, required=True, help="VAR depth: 16/20/24/30 give the official shapes; 2-4 are for tests.")
+@click.option("--dense", is_flag=True, help="Plain VAR (no selector/router keys).")
+@click.option("--experts", type=int, default=16, show_default=True, help="Number of FFN experts N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def init_ckpt(depth, dense, experts, seed, out):
+    """Write a RANDOM-WEIGHT checkpoint (not a trained model).
+
+    The file holds {"model": VAR state dict in the official layout (+ ActVAR selector/router
+    keys unless --dense), "actvar": settings, "vae": a full VQVAE state dict, "info": note}.
+    Weights are scaled so every block changes its input substantially (no vacuous model).
+    """
+    from .checkpoint import save_atomic
+    from .config import ActVarConfig, VarConfig
+    from .init import init_checkpoint
+    VarConfig(depth=depth)
+    if not dense:
+        ActVarConfig(num_experts=experts)
+        if (256 * depth) % experts:
+            raise ActVarError(f"{experts} experts do not divide the FFN hidden size {256 * depth}")
+    click.echo(RANDOM_WARNING, err=True)
+    t = time.time()
+    ck = init_checkpoint(depth, dense=dense, experts=experts, seed=seed)
+    save_atomic(ck, out)
+    kind = "VAR" if dense else f"ActVAR ({experts} experts)"
+    click.echo(f"wrote {out}: random-weight {kind} d{depth} + VQVAE, seed {seed} ({time.time() - t:.1f}s)")
+
+
+@main.command()
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="VAR/ActVAR checkpoint.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict (vae_ch160v4096z32.pth) unless the checkpoint holds one.")
+@click.option("--classes", default="207,360,387,974,88,979,417,279", show_default=True, help="ImageNet class ids, comma separated.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength.")
+@click.option("--top-k", type=int, default=900, show_default=True, help="0 disables.")
+@click.option("--top-p", type=float, default=0.96, show_default=True, help="0 disables.")
+@click.option("--sampler", type=click.Choice(["official", "noise"]), default="official", show_default=True,
+              help="official: torch.multinomial stream (bit-compatible with VAR); noise: inverse CDF from seeded uniforms (reproducible across backends).")
+@click.option("--more-smooth", is_flag=True, help="VAR's Gumbel smoothing (visualisation only; official sampler).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Autocast precision.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@_apply(actvar_options)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+def sample(ckpt, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device, token_ratio,
+           expert_ratio, active_scales, out):
+    """Generate images with the PyTorch reference and write a labelled PNG grid."""
+    import torch
+    from tqdm import tqdm
+    from .checkpoint import build_models, load_checkpoint
+    from .config import NUM_SCALES, PATCH_NUMS, TOTAL_TOKENS
+    from .generate import SampleSettings, generate
+    from .images import save_grid
+    from .sampling import noise_for
+    settings = SampleSettings(cfg=cfg, top_k=top_k, top_p=top_p, sampler=sampler, more_smooth=more_smooth)
+    labels = _ints(classes, "classes")
+    if not labels or any(not 0 <= c < 1000 for c in labels):
+        raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
+    dev = _device(device)
+    ck = load_checkpoint(ckpt, vae, _overrides(token_ratio, expert_ratio, active_scales))
+    random_note = "info" in _peek_info(ckpt)
+    model, v = build_models(ck, dev)
+    label_B = torch.tensor(labels, device=dev)
+    u = noise_for(len(labels), seed, TOTAL_TOKENS) if sampler == "noise" else None
+    bar = tqdm(total=NUM_SCALES, desc="scales", unit="scale", file=sys.stderr)
+    t = time.time()
+    res = generate(model, v, label_B, settings, seed=seed, u_BL=u, precision=precision, decode=False,
+                   progress=lambda si: (bar.set_postfix_str(f"{PATCH_NUMS[si]}x{PATCH_NUMS[si]}"), bar.update(1)))
+    bar.close()
+    click.echo(f"decoding {len(labels)} images with the VQVAE ...", err=True)
+    import torch as _t
+    with _t.no_grad():
+        res.images_B3HW = v.fhat_to_img(res.f_hat).float()
+    kind = f"ActVAR-d{ck.spec.var.depth}" if ck.spec.is_actvar else f"VAR-d{ck.spec.var.depth}"
+    title = f"{kind} seed={seed} cfg={cfg} top_k={top_k} top_p={top_p} {sampler}" + (" [RANDOM WEIGHTS]" if random_note else "")
+    save_grid(res.images_B3HW, out, labels=[f"class {c}" for c in labels], title=title)
+    click.echo(f"wrote {out}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
+    if random_note:
+        click.echo(RANDOM_WARNING, err=True)
+
+
+def _peek_info(path):
+    import torch
+    try:
+        obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        return {"info": obj["info"]} if isinstance(obj, dict) and "info" in obj else {}
+    except Exception:
+        return {}
+
+
+def _device(device: str):
+    import torch
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ActVarError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+@main.command()
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Checkpoint to inspect.")
+@click.option("--depth", type=int, default=None, help="Without --ckpt: an official-shape model of this depth (analytic).")
+@click.option("--experts", type=int, default=16, show_default=True, help="With --depth: number of experts.")
+@_apply(actvar_options)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_json):
+    """Depth, width, parameters, ActVAR settings, static top-k sizes and analytic FLOPs per image
+    per scale (with CFG) for dense VAR and ActVAR, with the saving against the paper's figure."""
+    from .config import PATCH_NUMS, ActVarConfig, ModelSpec, VarConfig
+    from .flops import report
+    ov = _overrides(token_ratio, expert_ratio, active_scales)
+    if (ckpt is None) == (depth is None):
+        raise ActVarError("give exactly one of --ckpt FILE or --depth N")
+    if ckpt is not None:
+        from .checkpoint import load_checkpoint
+        ck = load_checkpoint(ckpt, None, ov)
+        spec = ck.spec
+        n_params = sum(v.numel() for k, v in ck.var_sd.items() if k not in ("lvl_1L", "attn_bias_for_masking")
+                       and not k.endswith("zero_k_bias"))
+        random_w = "info" in _peek_info(ckpt)
+    else:
+        act = ActVarConfig.from_dict({"num_experts": experts, **{k: v for k, v in ov.items() if v is not None}})
+        spec = ModelSpec(VarConfig(depth), act)
+        from .checkpoint import expected_shapes
+        import math
+        n_params = sum(math.prod(s) for k, s in expected_shapes(spec).items()
+                       if k not in ("lvl_1L", "attn_bias_for_masking") and not k.endswith("zero_k_bias"))
+        random_w = False
+    act = spec.actvar or ActVarConfig()
+    r = report(spec.var, act)
+    info = {"depth": spec.var.depth, "width": spec.var.width, "heads": spec.var.heads, "parameters": n_params,
+            "actvar": spec.actvar.to_dict() if spec.actvar else None,
+            "checkpoint": "ActVAR" if spec.is_actvar else "dense VAR (ActVAR figures use the default settings)",
+            "random_weights": random_w, "static_sizes": act.static_sizes(), "flops": r}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"VAR-d{spec.var.depth}: width {spec.var.width}, {spec.var.heads} heads, {n_params:,} parameters"
+               + ("  [RANDOM WEIGHTS]" if random_w else ""))
+    click.echo(f"checkpoint: {info['checkpoint']}")
+    click.echo(f"ActVAR: experts N={act.num_experts}, expert ratio {act.expert_ratio} -> K_w={act.k_w}, "
+               f"token ratio {act.token_ratio}, active scales {list(act.active_scales)}")
+    click.echo(f"{'scale':>5} {'pn':>3} {'L':>4} {'K_t':>4} {'cache':>5} {'dense GFLOP':>12} {'ActVAR GFLOP':>13}")
+    for row, kt, cl in zip(r["per_scale"], act.static_sizes()["k_t"], act.static_sizes()["cache_len"]):
+        click.echo(f"{row['scale']:>5} {row['pn']:>3} {row['pn'] ** 2:>4} {kt:>4} {cl:>5} "
+                   f"{row['dense_gflop']:>12.2f} {row['actvar_gflop']:>13.2f}")
+    paper = r["paper_saving_percent"]
+    click.echo(f"transformer per image with CFG: dense {r['dense_tflop']:.3f} TFLOP, ActVAR {r['actvar_tflop']:.3f} TFLOP; "
+               f"VQVAE decoder {r['vae_decoder_tflop']:.3f} TFLOP")
+    click.echo(f"ActVAR saving: {r['saving_percent']:.1f}% (paper: {f'{paper}%' if paper else 'n/a'}; "
+               f"see docs/flops.md for the counting)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="actvar-export",
+    version="0.1.0",
+    description="Deployment compiler for ActVAR / VAR image generators: reference, ONNX, TensorRT plugins",
+    packages=find_packages(include=["actvar_export", "actvar_export.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "click>=8.1",
+        "tqdm",
+        "pillow",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+    ],
+    extras_require={"test": ["pytest>=8"], "trt": ["tensorrt-rtx-cu13", "polygraphy"]},
+    entry_points={"console_scripts": ["actvar-export=actvar_export.cli:main"]},
+)

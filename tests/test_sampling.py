@@ -1,0 +1,97 @@
+"""Samplers against independent computations (numpy, explicit loops)."""
+import numpy as np
+import pytest
+import torch
+
+from actvar_export.generate import SampleSettings, generate
+from actvar_export.sampling import filter_top_k_top_p, inverse_cdf, sample_noise, sample_official
+from actvar_export.config import ActVarConfig
+
+from .conftest import make_model
+
+
+def np_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Keep-mask by the official rule, written independently on one row in float64 numpy."""
+    keep = np.ones_like(logits, dtype=bool)
+    if top_k > 0:
+        kth = np.sort(logits)[::-1][top_k - 1]
+        keep &= logits >= kth
+    if top_p > 0:
+        x = np.where(keep, logits, -np.inf)
+        order = np.argsort(x, kind="stable")           # ascending
+        p = np.exp(x[order] - x.max())
+        p /= p.sum()
+        asc = np.cumsum(p)
+        removed = asc <= 1 - top_p
+        removed[-1] = False
+        keep[order[removed]] = False
+    return keep
+
+
+def np_draw(logits, keep, u):
+    p = np.where(keep, np.exp(logits - logits[keep].max()), 0.0)
+    p /= p.sum()
+    c = 0.0
+    for i, pi in enumerate(p):
+        c += pi
+        if c > u:
+            return i
+    return int(np.nonzero(p)[0][-1])
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.0), (900, 0.0), (0, 0.9), (900, 0.96), (50, 0.5), (1, 0.9)])
+def test_noise_sampler_is_inverse_cdf(top_k, top_p):
+    g = torch.Generator().manual_seed(top_k + int(100 * top_p))
+    logits = torch.randn(2, 40, 4096, generator=g, dtype=torch.float64) * 3
+    u = torch.rand(2, 40, generator=g, dtype=torch.float64)
+    got = sample_noise(logits, u, top_k, top_p)
+    for b in range(2):
+        for t in range(40):
+            row = logits[b, t].numpy()
+            keep = np_filter(row, top_k, top_p)
+            assert keep[got[b, t]]
+            assert got[b, t].item() == np_draw(row, keep, u[b, t].item())
+
+
+def test_filter_matches_independent_rule():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4096, generator=g, dtype=torch.float64) * 2
+    for k, p in [(900, 0.96), (0, 0.95), (4000, 0.5)]:
+        f = filter_top_k_top_p(logits.unsqueeze(0), k, p)[0]
+        for r in range(3):
+            assert np.array_equal(torch.isfinite(f[r]).numpy(), np_filter(logits[r].numpy(), k, p))
+
+
+def test_inverse_cdf_never_runs_past_the_end():
+    probs = torch.tensor([[0.2, 0.3, 0.5, 0.0]], dtype=torch.float32)
+    assert inverse_cdf(probs, torch.tensor([0.9999999])).item() == 2
+    assert inverse_cdf(probs, torch.tensor([0.0])).item() == 0
+    assert inverse_cdf(probs, torch.tensor([0.2])).item() == 1  # first id whose cumulative EXCEEDS u
+
+
+def test_official_sampler_reproduces_multinomial_stream():
+    g0 = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 30, 4096, generator=g0) * 3
+    for seed in (0, 1, 123):
+        ref_rng = torch.Generator().manual_seed(seed)
+        probs = []
+        for b in range(2):
+            for t in range(30):
+                keep = torch.from_numpy(np_filter(logits[b, t].double().numpy(), 900, 0.95))
+                probs.append(torch.where(keep, logits[b, t], -torch.inf).softmax(-1))
+        want = torch.multinomial(torch.stack(probs), 1, replacement=True, generator=ref_rng).view(2, 30)
+        got = sample_official(logits, 900, 0.95, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+
+
+def test_seeds(vae):
+    m = make_model(2, ActVarConfig(), seed=9)
+    labels = torch.tensor([1])
+    a = generate(m, vae, labels, SampleSettings(), seed=11)
+    b = generate(m, vae, labels, SampleSettings(), seed=11)
+    c = generate(m, vae, labels, SampleSettings(), seed=12, decode=False)  # the image is a function of f_hat
+    assert torch.equal(a.images_B3HW, b.images_B3HW)
+    assert all(torch.equal(x, y) for x, y in zip(a.idx, b.idx))
+    assert not torch.equal(a.idx[-1], c.idx[-1])
+    assert (a.f_hat - c.f_hat).abs().mean() > 1e-2
+    assert a.images_B3HW.std() > 0.05  # not a flat image
