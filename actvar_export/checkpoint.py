@@ -191,6 +191,10 @@ def build_models(ck: LoadedCheckpoint, device="cpu"):
     model.load_state_dict(ck.var_sd, strict=True, assign=True)
     vae.load_state_dict(ck.vae_sd, strict=True, assign=True)
     model.lvl_1L = model.lvl_1L.long()
+    # as in VAR: the VQVAE is frozen (test mode), the transformer's parameters are not; under no_grad
+    # this still matters, since a weight that requires grad can take another matmul kernel (1-ulp
+    # differences that the official code's own outputs carry)
+    vae.requires_grad_(False)
     return model.float().to(device).eval(), vae.float().to(device).eval()
 
 

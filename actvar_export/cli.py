@@ -57,7 +57,9 @@ def main():
 
     \b
     init-ckpt  make a RANDOM-weight checkpoint in the official layout (for trying things out)
-    sample     generate images with the PyTorch reference
+    build      export per-scale ONNX step graphs + decoder + one weights file into a bundle
+    validate   prove a bundle matches the PyTorch reference (teacher forcing + end to end)
+    sample     generate images with the PyTorch reference, or with a bundle (--bundle)
     inspect    sizes, ActVAR settings, static top-k sizes and FLOPs of a checkpoint
     """
 
@@ -92,7 +94,9 @@ def init_ckpt(depth, dense, experts, seed, out):
 
 
 @main.command()
-@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="VAR/ActVAR checkpoint.")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="VAR/ActVAR checkpoint (reference generation).")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="A bundle from `build`: generate through ONNX Runtime instead (noise sampler).")
+@click.option("--providers", default=None, help="With --bundle: ONNX Runtime providers, e.g. 'cuda,cpu' (default: CUDA if available, else CPU).")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict (vae_ch160v4096z32.pth) unless the checkpoint holds one.")
 @click.option("--classes", default="207,360,387,974,88,979,417,279", show_default=True, help="ImageNet class ids, comma separated.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -106,9 +110,14 @@ def init_ckpt(depth, dense, experts, seed, out):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @_apply(actvar_options)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
-def sample(ckpt, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device, token_ratio,
-           expert_ratio, active_scales, out):
-    """Generate images with the PyTorch reference and write a labelled PNG grid."""
+def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device,
+           token_ratio, expert_ratio, active_scales, out):
+    """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
+    through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle)."""
+    if (ckpt is None) == (bundle is None):
+        raise ActVarError("give exactly one of --ckpt FILE (reference) or --bundle DIR (ONNX Runtime)")
+    if bundle is not None:
+        return _sample_bundle(bundle, providers, classes, seed, cfg, top_p, out)
     import torch
     from tqdm import tqdm
     from .checkpoint import build_models, load_checkpoint
@@ -141,6 +150,122 @@ def sample(ckpt, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, pr
     click.echo(f"wrote {out}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
     if random_note:
         click.echo(RANDOM_WARNING, err=True)
+
+
+def _providers(text):
+    if text is None:
+        return None
+    names = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    out = []
+    for t in text.split(","):
+        t = t.strip().lower()
+        if t not in names:
+            raise ActVarError(f"unknown provider {t!r}: use cuda, cpu or tensorrt")
+        out.append(names[t])
+    return out
+
+
+def _sample_bundle(bundle, providers, classes, seed, cfg, top_p, out):
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+    from .bundle import Bundle
+    from .config import NUM_SCALES, TOTAL_TOKENS
+    from .images import save_grid
+    from .runtime.loop import run_bundle
+    from .runtime.ort_backend import OrtBackend
+    from .sampling import noise_for
+    b = Bundle.open(bundle, show_progress=True)
+    labels = _ints(classes, "classes")
+    if not labels or any(not 0 <= c < 1000 for c in labels):
+        raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
+    B = b.batch
+    images, t = [], time.time()
+    backend = OrtBackend(b, _providers(providers))
+    chunks = [labels[i:i + B] for i in range(0, len(labels), B)]
+    bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
+    for ci, chunk in enumerate(chunks):
+        lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
+        u = noise_for(B, seed + ci, TOTAL_TOKENS).numpy()
+        img, _, _, _ = run_bundle(backend, lab, u, cfg, top_p, progress=lambda si: bar.update(1))
+        images.append(torch.from_numpy(img[:len(chunk)]))
+    bar.close()
+    m = b.manifest
+    title = (f"bundle d{m['model']['depth']} {m['precision']} {m['lowering']} seed={seed} cfg={cfg} "
+             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.providers)}]")
+    save_grid(torch.cat(images), out, labels=[f"class {c}" for c in labels], title=title)
+    click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.providers)}), {time.time() - t:.1f}s")
+
+
+@main.command()
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="VAR/ActVAR checkpoint.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict unless the checkpoint holds one.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images per run (CFG doubles the sequences inside).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True,
+              help="Precision written into the graphs (matmuls; norms, softmax, sampler and f_hat stay fp32).")
+@click.option("--lowering", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
+              help="portable: standard ONNX ops only; plugin: ActVarTokenScatter / ActVarExpertFFN nodes for TensorRT plugins.")
+@click.option("--top-k", type=int, default=900, show_default=True, help="Static top-k of the graphs' sampler (1..3840).")
+@_apply(actvar_options)
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert_ratio, active_scales, force):
+    """Export a deploy bundle: one ONNX step graph per scale (static shapes for --batch, fixed
+    K_t/K_w, KV cache as one packed tensor, CFG + noise sampler + f_hat update + next input inside),
+    the VQVAE decoder graph, weights.bin (every weight once, shared by all graphs) and manifest.json
+    (config, static sizes, versions, sha256 of every file and of the checkpoint). Written to a
+    temporary directory and renamed when complete."""
+    from .bundle import build_bundle
+    t = time.time()
+    p = build_bundle(ckpt, out, vae=vae, batch=batch, precision=precision, lowering=lowering, top_k=top_k,
+                     force=force, overrides=_overrides(token_ratio, expert_ratio, active_scales))
+    size = sum(f.stat().st_size for f in p.iterdir())
+    click.echo(f"wrote {p}: 10 step graphs + decoder, {size / 1e6:.1f} MB, {precision}, {lowering}, batch {batch} ({time.time() - t:.1f}s)")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True)
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The checkpoint the bundle was built from.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None)
+@click.option("--classes", default=None, help="Class ids (as many as the bundle's batch; default: 0, 1, ...).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the uniforms u fed to both sides.")
+@click.option("--cfg", type=float, default=1.5, show_default=True)
+@click.option("--top-p", type=float, default=0.96, show_default=True)
+@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. 'cpu' or 'cuda,cpu'.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write reference vs bundle images side by side.")
+def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid):
+    """Prove a bundle matches the PyTorch reference. Each scale's graph gets the reference's own
+    inputs (teacher forcing); continuous outputs are compared with a tolerance set by the precision,
+    discrete ones (tokens, experts, sampled ids) must agree except where the reference's own margin
+    is below tolerance. End to end, both sides sample from the same uniforms: token agreement and
+    image PSNR. All failures are reported before exiting with 1."""
+    import torch
+    from tqdm import tqdm
+    from .bundle import Bundle
+    from .checkpoint import build_models, load_checkpoint
+    from .generate import SampleSettings
+    from .runtime.ort_backend import OrtBackend
+    from .validate import ValidationError, validate_bundle
+    b = Bundle.open(bundle, show_progress=True)
+    b.check_checkpoint(ckpt)
+    m = b.manifest
+    ov = m["actvar"] and {k: m["actvar"][k] for k in ("token_ratio", "expert_ratio")} | {"active_scales": tuple(m["actvar"]["active_scales"])}
+    model, v = build_models(load_checkpoint(ckpt, vae, ov or None))
+    labels = _ints(classes, "classes") if classes else [i % 1000 for i in range(b.batch)]
+    settings = SampleSettings(cfg=cfg, top_k=m["top_k"], top_p=top_p, sampler="noise")
+    backend = OrtBackend(b, _providers(providers))
+    bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
+    rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
+    bar.close()
+    click.echo(f"bundle {bundle} ({m['precision']}, {m['lowering']}, batch {b.batch}) on {', '.join(backend.providers)}")
+    click.echo(rep.table())
+    if json_out:
+        json_out.write_text(json.dumps(rep.to_dict(), indent=1))
+    if rep.failures:
+        click.echo("\n".join("FAIL " + f for f in rep.failures), err=True)
+        raise ValidationError(f"{len(rep.failures)} check(s) failed: {rep.failures[0]}")
+    click.echo("all checks passed")
 
 
 def _peek_info(path):

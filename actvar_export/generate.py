@@ -10,7 +10,7 @@ import torch
 from .config import CVAE, NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, TOTAL_TOKENS
 from .errors import ActVarError
 from .model import VAR, BlockAux, cfg_logits
-from .sampling import SAMPLERS, gumbel_soft, sample_noise, sample_official
+from .sampling import SAMPLERS, filter_top_k_top_p, gumbel_soft, multinomial, sample_noise
 from .vqvae import VQVAE
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -78,14 +78,17 @@ def generate(model: VAR, vae: VQVAE, label_B: torch.Tensor, settings: SampleSett
             caches = model.extend_caches(caches, st.kv)
             logits = cfg_logits(st.logits_SlV, si, settings.cfg)
             if settings.sampler == "official":
-                idx = sample_official(logits, settings.top_k, settings.top_p, rng)
+                # VAR filters in place, so `more_smooth` below sees the filtered logits (removed ids get
+                # zero weight); filtering is not idempotent (top-p renormalises), so filter exactly once
+                filtered = filter_top_k_top_p(logits, settings.top_k, settings.top_p)
+                idx = multinomial(filtered, rng)
             else:
                 a = SCALE_BEGIN[si]
                 idx = sample_noise(logits, u_BL[:, a:a + pn * pn], settings.top_k, settings.top_p)
             if settings.more_smooth:
                 ratio = si / (NUM_SCALES - 1)
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                h = gumbel_soft(logits.mul(1 + ratio), tau, rng) @ vae.quantize.embedding.weight.unsqueeze(0)
+                h = gumbel_soft(filtered.mul(1 + ratio), tau, rng) @ vae.quantize.embedding.weight.unsqueeze(0)
                 f_hat = vae.fhat_update(si, f_hat, h_BlC=h.float())
             else:
                 f_hat = vae.fhat_update(si, f_hat, idx)

@@ -35,8 +35,13 @@ def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
 def sample_official(logits_BlV: torch.Tensor, top_k: int, top_p: float,
                     rng: Optional[torch.Generator]) -> torch.Tensor:
     """idx_Bl drawn with torch.multinomial from the filtered softmax (VAR's stream for a seeded rng)."""
-    B, l, V = logits_BlV.shape
-    probs = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(dim=-1)
+    return multinomial(filter_top_k_top_p(logits_BlV, top_k, top_p), rng)
+
+
+def multinomial(filtered_BlV: torch.Tensor, rng: Optional[torch.Generator]) -> torch.Tensor:
+    """One torch.multinomial draw per token from the softmax of already filtered logits."""
+    B, l, V = filtered_BlV.shape
+    probs = filtered_BlV.softmax(dim=-1)
     return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, l)
 
 

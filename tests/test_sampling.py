@@ -95,3 +95,14 @@ def test_seeds(vae):
     assert not torch.equal(a.idx[-1], c.idx[-1])
     assert (a.f_hat - c.f_hat).abs().mean() > 1e-2
     assert a.images_B3HW.std() > 0.05  # not a flat image
+
+
+def test_more_smooth_uses_filtered_logits(vae):
+    """VAR smooths the *filtered* logits: with top_k=1 only the argmax survives, so the Gumbel-smoothed
+    embedding is exactly that codebook entry and f_hat equals plain top-1 sampling, whatever the noise."""
+    m = make_model(2, ActVarConfig(), seed=9)
+    labels = torch.tensor([3, 4])
+    smooth = generate(m, vae, labels, SampleSettings(top_k=1, top_p=0.0, more_smooth=True), seed=5, decode=False)
+    plain = generate(m, vae, labels, SampleSettings(top_k=1, top_p=0.0), seed=6, decode=False)
+    assert all(torch.equal(a, b) for a, b in zip(smooth.idx, plain.idx))
+    assert torch.allclose(smooth.f_hat, plain.f_hat, atol=1e-5)

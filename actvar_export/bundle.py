@@ -1,0 +1,205 @@
+"""Deploy bundles: `build` writes graphs + one weights file + manifest.json atomically;
+`Bundle.open` checks every file against the manifest before anything runs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, TOPK_LIMIT_TRT, cache_len_after
+from .errors import ActVarError, BundleError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+DECODER = "decoder.onnx"
+
+
+def step_file(si: int) -> str:
+    return f"step_{si}.onnx"
+
+
+def sha256_file(path: Path, progress: Optional[Callable[[int], None]] = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(16 << 20)
+            if not b:
+                break
+            h.update(b)
+            if progress:
+                progress(len(b))
+    return h.hexdigest()
+
+
+def _versions() -> Dict[str, str]:
+    import numpy
+    import onnx
+    import torch
+    from . import __version__
+    v = {"actvar_export": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "onnx": onnx.__version__, "numpy": numpy.__version__}
+    try:
+        import onnxruntime
+        v["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int = 1, precision: str = "fp16",
+                 lowering: str = "portable", top_k: int = 900, force: bool = False,
+                 overrides: Optional[dict] = None, show_progress: bool = True) -> Path:
+    """Export every scale's step graph, the decoder, one weights file and the manifest.
+    Written into a temporary directory beside `out` and renamed when complete."""
+    import onnx
+    from tqdm import tqdm
+    from .checkpoint import load_checkpoint
+    from .export.decoder import build_decoder
+    from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES
+    from .export.step import LOWERINGS, build_step, io_shapes
+    from .export.weights import WEIGHTS_FILE, WeightStore
+
+    out = Path(out)
+    if precision not in PRECISION_TYPES:
+        raise ActVarError(f"unknown precision {precision!r}: choose fp32, fp16 or bf16")
+    if lowering not in LOWERINGS:
+        raise ActVarError(f"unknown lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
+    if not 1 <= batch <= 1024:
+        raise ActVarError(f"invalid batch {batch}: must be 1..1024")
+    if not 1 <= top_k <= TOPK_LIMIT_TRT:
+        raise ActVarError(f"invalid top-k {top_k}: exported graphs need 1 <= top_k <= {TOPK_LIMIT_TRT} "
+                          f"(TensorRT's TopK limit); the reference sampler accepts 0 (disabled)")
+    if out.exists() and not force:
+        raise ActVarError(f"{out} exists: pass --force to replace it")
+    ck = load_checkpoint(ckpt, vae, overrides)
+    if ck.vae_sd is None:
+        raise ActVarError(f"{ckpt}: no VQVAE weights: pass --vae vae_ch160v4096z32.pth")
+    spec = ck.spec
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        t0 = time.time()
+        store = WeightStore(ck.var_sd, ck.vae_sd, precision)
+        with tqdm(total=store.total_bytes, unit="B", unit_scale=True, desc="weights", disable=not show_progress,
+                  file=sys.stderr) as bar:
+            store.write(tmp / WEIGHTS_FILE, progress=bar.update)
+        graphs, timings = {}, {}
+        bar = tqdm(total=NUM_SCALES + 1, desc="graphs", unit="graph", disable=not show_progress, file=sys.stderr)
+        for si in range(NUM_SCALES):
+            t = time.time()
+            m = build_step(spec, si, batch, store, precision, lowering, top_k)
+            onnx.save(m, tmp / step_file(si))
+            ins, outs = io_shapes(spec, si, batch, top_k)
+            graphs[f"step_{si}"] = {"file": step_file(si), "inputs": ins, "outputs": outs}
+            timings[f"step_{si}"] = round(time.time() - t, 3)
+            bar.set_postfix_str(f"{PATCH_NUMS[si]}x{PATCH_NUMS[si]} {timings[f'step_{si}']:.2f}s")
+            bar.update(1)
+        t = time.time()
+        onnx.save(build_decoder(batch, store, precision), tmp / DECODER)
+        graphs["decoder"] = {"file": DECODER, "inputs": {"f_hat": ("float32", [batch, 32, 16, 16])},
+                             "outputs": {"image": ("float32", [batch, 3, 256, 256])}}
+        timings["decoder"] = round(time.time() - t, 3)
+        bar.update(1)
+        bar.close()
+        for name, gi in graphs.items():
+            onnx.checker.check_model(str(tmp / gi["file"]), full_check=True)
+        act = spec.actvar
+        files = {}
+        with tqdm(total=sum(p.stat().st_size for p in tmp.iterdir()) + Path(ckpt).stat().st_size, unit="B",
+                  unit_scale=True, desc="checksums",
+                  disable=not show_progress, file=sys.stderr) as hbar:
+            for p in sorted(tmp.iterdir()):
+                files[p.name] = {"sha256": sha256_file(p, hbar.update), "bytes": p.stat().st_size}
+            ck_hash = {"file": str(Path(ckpt).resolve()), "sha256": sha256_file(Path(ckpt), hbar.update),
+                       "bytes": Path(ckpt).stat().st_size}
+        manifest = {
+            "format": FORMAT,
+            "model": {"depth": spec.var.depth, "width": spec.var.width, "heads": spec.var.heads,
+                      "vocab": spec.var.vocab, "cvae": spec.var.cvae, "patch_nums": list(PATCH_NUMS)},
+            "actvar": act.to_dict() if act else None,
+            "static_sizes": [{"scale": si, "pn": PATCH_NUMS[si], "tokens": SCALE_LENS[si],
+                              "k_t": act.k_t(si) if act else SCALE_LENS[si],
+                              "k_w": act.k_w if (act and act.is_active(si)) else None,
+                              "cache_in": cache_len_after(act, si - 1) if si else 0,
+                              "cache_out": cache_len_after(act, si)} for si in range(NUM_SCALES)],
+            "batch": batch, "precision": precision, "lowering": lowering, "top_k": top_k,
+            "sampler": "noise", "opset": OPSET, "ir_version": IR_VERSION,
+            "graphs": graphs, "files": files, "checkpoint": ck_hash,
+            "vae": ({"file": str(Path(vae).resolve()), "sha256": sha256_file(Path(vae))} if vae else "embedded"),
+            "versions": _versions(), "export_seconds": timings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "weights_bytes": store.total_bytes,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def batch(self) -> int:
+        return self.manifest["batch"]
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.manifest["graphs"][name]["file"]
+
+    @classmethod
+    def open(cls, path, verify: bool = True, show_progress: bool = False) -> "Bundle":
+        """Check that every file named by the manifest exists with its size and sha256."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not path.is_dir():
+            raise BundleError(f"{path}: no such bundle directory")
+        if not mpath.exists():
+            raise BundleError(f"{mpath}: missing manifest: not a bundle (or an unfinished build)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
+            raise BundleError(f"{mpath}: not a bundle manifest of format {FORMAT}")
+        for name, meta in manifest["files"].items():
+            p = path / name
+            if not p.exists():
+                raise BundleError(f"{p}: file listed in the manifest is missing")
+            if p.stat().st_size != meta["bytes"]:
+                raise BundleError(f"{p}: size {p.stat().st_size} differs from the manifest's {meta['bytes']} (truncated or modified)")
+        if verify:
+            from tqdm import tqdm
+            total = sum(m["bytes"] for m in manifest["files"].values())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not show_progress,
+                      file=sys.stderr) as bar:
+                for name, meta in manifest["files"].items():
+                    if sha256_file(path / name, bar.update) != meta["sha256"]:
+                        raise BundleError(f"{path / name}: checksum differs from the manifest (modified or corrupt)")
+        return cls(path=path, manifest=manifest)
+
+    def check_checkpoint(self, ckpt: Path) -> None:
+        """Refuse a checkpoint other than the one the bundle was built from."""
+        want = self.manifest["checkpoint"]
+        ckpt = Path(ckpt)
+        if not ckpt.exists():
+            raise ActVarError(f"{ckpt}: no such file")
+        if ckpt.stat().st_size != want["bytes"] or sha256_file(ckpt) != want["sha256"]:
+            raise BundleError(f"{self.path / MANIFEST}: built from another checkpoint "
+                              f"(sha256 {want['sha256'][:12]}…), not {ckpt}")

@@ -1,0 +1,1 @@
+"""Per-scale ONNX export of ActVAR / VAR and the deploy bundle."""

@@ -1,0 +1,132 @@
+"""A small ONNX graph builder: named weights from one shared store, explicit dtypes."""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+F32, F16, BF16, I64, I32, BOOL = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+                                  TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL)
+PRECISION_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}
+OPSET = 17
+IR_VERSION = 10
+CUSTOM_DOMAIN = "actvar"
+
+
+class Graph:
+    """Nodes, inputs, outputs and initializers of one graph. Weights are referenced by their
+    state-dict key through `store` and become external-data initializers of the shared file."""
+
+    def __init__(self, name: str, store, precision: str):
+        self.name, self.store = name, store
+        self.P = PRECISION_TYPES[precision]
+        self.nodes: List[onnx.NodeProto] = []
+        self.inputs: List[onnx.ValueInfoProto] = []
+        self.outputs: List[onnx.ValueInfoProto] = []
+        self.inits: Dict[str, onnx.TensorProto] = {}
+        self._ids = itertools.count()
+        self.custom_ops = False
+        self._cache = {}
+
+    # ---- naming ----
+    def fresh(self, hint: str) -> str:
+        return f"{hint}_{next(self._ids)}"
+
+    # ---- I/O ----
+    def input(self, name: str, dtype: int, shape: Sequence[int]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+        return name
+
+    def output(self, value: str, name: str, dtype: int, shape: Sequence[int]) -> str:
+        self.op("Identity", [value], name=name)
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+        return name
+
+    # ---- constants and weights ----
+    def w(self, key: str) -> str:
+        if key not in self.inits:
+            self.inits[key] = self.store.tensor_proto(key)
+        return key
+
+    def const(self, value, dtype=None, hint="c") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = self.fresh(hint)
+        self.inits[name] = numpy_helper.from_array(arr, name)
+        return name
+
+    def i64(self, *vals) -> str:
+        return self.const(np.array(vals, dtype=np.int64), hint="i")
+
+    def scalar(self, v: float, dtype: int = F32) -> str:
+        np_dt = {F32: np.float32, F16: np.float16}.get(dtype)
+        if np_dt is None:  # bf16 scalar: make fp32 and cast
+            return self.cast(self.const(np.array(v, np.float32)), dtype)
+        return self.const(np.array(v, dtype=np_dt), hint="s")
+
+    # ---- ops ----
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, name: Optional[str] = None,
+           domain: Optional[str] = None, **attrs) -> Union[str, List[str]]:
+        outs = [name] if (name and n_out == 1) else [self.fresh(op_type.lower()) for _ in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), domain=domain, **attrs)
+        self.nodes.append(node)
+        if domain == CUSTOM_DOMAIN:
+            self.custom_ops = True
+        return outs[0] if n_out == 1 else outs
+
+    def cast(self, x: str, to: int, src: Optional[int] = None) -> str:
+        if src is not None and src == to:
+            return x
+        return self.op("Cast", [x], to=to)
+
+    def gemm(self, x2d: str, w_key: str, b_key: Optional[str] = None) -> str:
+        """x · Wᵀ (+ b) with W in PyTorch Linear layout (out, in): one copy of each weight."""
+        ins = [x2d, self.w(w_key)] + ([self.w(b_key)] if b_key else [])
+        return self.op("Gemm", ins, transB=1)
+
+    def linear(self, x: str, lead: Sequence[int], cin: int, cout: int, w_key: str, b_key: Optional[str] = None) -> str:
+        """Linear on an N-d tensor: reshape to 2-D, Gemm, reshape back to lead + (cout,)."""
+        x2 = self.op("Reshape", [x, self.i64(-1, cin)])
+        y = self.gemm(x2, w_key, b_key)
+        return self.op("Reshape", [y, self.i64(*lead, cout)])
+
+    def reshape(self, x, *shape):
+        return self.op("Reshape", [x, self.i64(*shape)])
+
+    def slice(self, x, starts, ends, axes):
+        return self.op("Slice", [x, self.i64(*starts), self.i64(*ends), self.i64(*axes)])
+
+    def layer_norm(self, x: str, C: int, eps: float = 1e-6) -> str:
+        """LayerNorm without affine over the last axis (fp32 in, fp32 out)."""
+        ones, zeros = self.ones_zeros(C)
+        return self.op("LayerNormalization", [x, ones, zeros], axis=-1, epsilon=eps)
+
+    def ones_zeros(self, n: int):
+        """Shared fp32 ones(n) and zeros(n) constants (identity affine of a normalisation)."""
+        key = ("_oz", n)
+        if key not in self._cache:
+            self._cache[key] = (self.const(np.ones(n, np.float32), hint="one"), self.const(np.zeros(n, np.float32), hint="zero"))
+        return self._cache[key]
+
+    def gelu_tanh(self, x: str, dtype: int) -> str:
+        """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) — explicit, so any parser accepts it."""
+        x3 = self.op("Mul", [self.op("Mul", [x, x]), x])
+        inner = self.op("Mul", [self.op("Add", [x, self.op("Mul", [x3, self.scalar(0.044715, dtype)])]),
+                                self.scalar(float(np.sqrt(2 / np.pi)), dtype)])
+        t = self.op("Add", [self.op("Tanh", [inner]), self.scalar(1.0, dtype)])
+        return self.op("Mul", [self.op("Mul", [x, t]), self.scalar(0.5, dtype)])
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", [x, self.op("Sigmoid", [x])])
+
+    # ---- finish ----
+    def model(self) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, list(self.inits.values()))
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.custom_ops:
+            opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+        m = helper.make_model(g, opset_imports=opsets, producer_name="actvar-export")
+        m.ir_version = IR_VERSION
+        return m

@@ -1,0 +1,315 @@
+"""The per-scale step graph: transformer pass with KV cache, head, CFG, the `noise` sampler with
+top-k/top-p, codebook lookup, Phi and f_hat update, and the next scale's input.
+
+I/O of the graph for scale si (S = 2B sequences, l = pn², Lc = cache length before the scale):
+  inputs : labels i64 (B)                          all scales
+           x_in f32 (S, l, C), kv_in P (D, 2, S, H, Lc, 64), f_hat_in f32 (B, 32, 16, 16)   si > 0
+           u f32 (B, l), cfg f32 (1), top_p f32 (1)
+  outputs: idx i64 (B, l), logits f32 (B, l, V), f_hat_out f32 (B, 32, 16, 16),
+           kv_out P (D, 2, S, H, Lc + K_t, 64), x_next f32 (S, l_next, C) (si < 9),
+           sel_idx i64 (D, S, K_t) and experts i64 (D, S, K_t, K_w) at ActVAR scales
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from ..config import (CVAE, NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after)
+from .graph import CUSTOM_DOMAIN, F32, I32, I64, Graph
+
+LOWERINGS = ("portable", "plugin")
+TOKEN_SCATTER_OP = "ActVarTokenScatter"
+EXPERT_FFN_OP = "ActVarExpertFFN"
+PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": ""}
+
+
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Row i averages input cells [floor(i·n_in/n_out), ceil((i+1)·n_in/n_out)) — adaptive average
+    pooling (F.interpolate mode='area') as a matrix, applied to rows and columns separately."""
+    A = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        A[i, a:b] = 1.0 / (b - a)
+    return A
+
+
+def io_shapes(spec: ModelSpec, si: int, batch: int, top_k: int):
+    """{name: (dtype tag, shape)} of the step graph's inputs and outputs (used by the manifest)."""
+    v = spec.var
+    S, C, D, H, l = 2 * batch, v.width, v.depth, v.heads, SCALE_LENS[si]
+    Lc0 = cache_len_after(spec.actvar, si - 1) if si else 0
+    kt = spec.actvar.k_t(si) if spec.actvar else l
+    ins = {"labels": ("int64", [batch])}
+    if si:
+        ins.update({"x_in": ("float32", [S, l, C]), "kv_in": ("P", [D, 2, S, H, Lc0, 64]),
+                    "f_hat_in": ("float32", [batch, CVAE, 16, 16])})
+    ins.update({"u": ("float32", [batch, l]), "cfg": ("float32", [1]), "top_p": ("float32", [1])})
+    outs = {"idx": ("int64", [batch, l]), "logits": ("float32", [batch, l, v.vocab]),
+            "f_hat_out": ("float32", [batch, CVAE, 16, 16]), "kv_out": ("P", [D, 2, S, H, Lc0 + kt, 64])}
+    if si < NUM_SCALES - 1:
+        outs["x_next"] = ("float32", [S, SCALE_LENS[si + 1], C])
+    if spec.actvar and spec.actvar.is_active(si):
+        outs["sel_idx"] = ("int64", [D, S, kt])
+        outs["experts"] = ("int64", [D, S, kt, spec.actvar.k_w])
+    return ins, outs
+
+
+def topk_ascending(g: Graph, scores_f32: str, k: int) -> str:
+    """Indices of the k largest scores along the last axis, in ascending index order. ONNX TopK
+    returns equal values lower index first, which is the tie rule of design §2; the ascending order
+    comes from a second TopK(largest=0) over the indices as fp32 (exact below 2^24)."""
+    _, top = g.op("TopK", [scores_f32, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)
+    vals, _ = g.op("TopK", [g.cast(top, F32), g.i64(k)], n_out=2, axis=-1, largest=0, sorted=1)
+    return g.cast(vals, I64)
+
+
+class StepBuilder:
+    def __init__(self, spec: ModelSpec, si: int, batch: int, store, precision: str, lowering: str, top_k: int):
+        self.spec, self.si, self.B = spec, si, batch
+        self.g = Graph(f"actvar_step_{si}", store, precision)
+        self.P = self.g.P
+        self.lowering, self.top_k = lowering, top_k
+        v = spec.var
+        self.S, self.C, self.D, self.H, self.V = 2 * batch, v.width, v.depth, v.heads, v.vocab
+        self.l = SCALE_LENS[si]
+        act = spec.actvar
+        self.active = bool(act and act.is_active(si))
+        self.k_t = act.k_t(si) if self.active else None
+        self.k_w = act.k_w if self.active else None
+        self.N = act.num_experts if act else None
+        self.Lc0 = cache_len_after(act, si - 1) if si else 0
+
+    # ---------- small helpers ----------
+    def to_p(self, x):
+        return self.g.cast(x, self.P, F32)
+
+    def to_f32(self, x):
+        return self.g.cast(x, F32, self.P)
+
+    def linear(self, x_f32, lead, cin, cout, key, bias=True):
+        """fp32 activations in, Gemm in the graph precision, fp32 out."""
+        g = self.g
+        y = g.linear(self.to_p(x_f32), lead, cin, cout, key + ".weight", key + ".bias" if bias else None)
+        return self.to_f32(y)
+
+    def lvl_pos(self, si):
+        g, a, n = self.g, SCALE_BEGIN[si], SCALE_LENS[si]
+        lvl = g.op("Gather", [g.w("lvl_embed.weight"), g.i64(si)], axis=0)               # (C)
+        pos = g.slice(g.w("pos_1LC"), [a], [a + n], [1])                               # (1, n, C)
+        return g.op("Add", [pos, lvl])
+
+    def topk_indices(self, scores_f32, k):
+        return topk_ascending(self.g, scores_f32, k)
+
+    # ---------- graph ----------
+    def build(self):
+        g, B, S, C, l, si = self.g, self.B, self.S, self.C, self.l, self.si
+        labels = g.input("labels", I64, [B])
+        label_S = g.op("Concat", [labels, g.i64(*([1000] * B))], axis=0)
+        cond = g.op("Gather", [g.w("class_emb.weight"), label_S], axis=0)               # (S, C) f32
+        cond_silu = g.silu(cond)
+        if si == 0:
+            x = g.op("Add", [g.op("Add", [g.op("Unsqueeze", [cond, g.i64(1)]), g.w("pos_start")]), self.lvl_pos(0)])
+            kv_in, f_hat = None, g.op("ConstantOfShape", [g.i64(B, CVAE, 16, 16)],
+                                      value=_f32_tensor(0.0))
+        else:
+            x = g.input("x_in", F32, [S, l, C])
+            kv_in = g.input("kv_in", self.P, [self.D, 2, S, self.H, self.Lc0, 64])
+            f_hat = g.input("f_hat_in", F32, [B, CVAE, 16, 16])
+        u = g.input("u", F32, [B, l])
+        cfg = g.input("cfg", F32, [1])
+        top_p = g.input("top_p", F32, [1])
+
+        kv_outs, sel, exps = [], [], []
+        for b in range(self.D):
+            cache = None
+            if kv_in is not None:
+                kvb = g.reshape(g.slice(kv_in, [b], [b + 1], [0]), 2, S, self.H, self.Lc0, 64)
+                cache = (g.reshape(g.slice(kvb, [0], [1], [0]), S, self.H, self.Lc0, 64),
+                         g.reshape(g.slice(kvb, [1], [2], [0]), S, self.H, self.Lc0, 64))
+            x, kv, aux = self.block(b, x, cond_silu, cache)
+            kv_outs.append(g.op("Unsqueeze", [g.op("Concat", [g.op("Unsqueeze", [kv[0], g.i64(0)]),
+                                                              g.op("Unsqueeze", [kv[1], g.i64(0)])], axis=0), g.i64(0)]))
+            if aux:
+                sel.append(g.op("Unsqueeze", [aux[0], g.i64(0)]))
+                exps.append(g.op("Unsqueeze", [aux[1], g.i64(0)]))
+        kv_out = g.op("Concat", kv_outs, axis=0)
+        Lc1 = self.Lc0 + (self.k_t or l)
+
+        logits = self.head(x, cond_silu)                                                 # (B, l, V) f32
+        idx = self.sample(logits, u, top_p, cfg)
+        f_hat_out = self.fhat_update(f_hat, idx)
+
+        g.output(idx, "idx", I64, [B, l])
+        g.output(self._cfg_logits, "logits", F32, [B, l, self.V])
+        g.output(f_hat_out, "f_hat_out", F32, [B, CVAE, 16, 16])
+        g.output(kv_out, "kv_out", self.P, [self.D, 2, S, self.H, Lc1, 64])
+        if si < NUM_SCALES - 1:
+            g.output(self.next_input(f_hat_out), "x_next", F32, [S, SCALE_LENS[si + 1], C])
+        if self.active:
+            g.output(g.op("Concat", sel, axis=0), "sel_idx", I64, [self.D, S, self.k_t])
+            g.output(g.op("Concat", exps, axis=0), "experts", I64, [self.D, S, self.k_t, self.k_w])
+        return g.model()
+
+    def block(self, b, x, cond_silu, cache):
+        g, S, C, H = self.g, self.S, self.C, self.H
+        pre = f"blocks.{b}"
+        ada = self.to_f32(g.gemm(self.to_p(cond_silu), f"{pre}.ada_lin.1.weight", f"{pre}.ada_lin.1.bias"))  # (S, 6C)
+        g1, g2, s1, s2, b1, b2 = [g.op("Unsqueeze", [g.slice(ada, [i * C], [(i + 1) * C], [1]), g.i64(1)])
+                                  for i in range(6)]
+        aux = None
+        if self.active:
+            L, K = self.l, self.k_t
+            score = g.reshape(self.linear(x, [S, L], C, 1, f"{pre}.selector"), S, L)
+            idx = self.topk_indices(score, K)                                            # (S, K) i64
+            idx3 = g.op("Expand", [g.op("Unsqueeze", [idx, g.i64(-1)]), g.i64(S, K, C)])
+            xs = g.op("GatherElements", [x, idx3], axis=1)
+            n = K
+        else:
+            xs, n = x, self.l
+        one = g.scalar(1.0)
+        h = g.op("Add", [g.op("Mul", [g.layer_norm(xs, C), g.op("Add", [s1, one])]), b1])
+        a, kv = self.attention(b, h, n, cache)
+        xs = g.op("Add", [xs, g.op("Mul", [a, g1])])
+        h2 = g.op("Add", [g.op("Mul", [g.layer_norm(xs, C), g.op("Add", [s2, one])]), b2])
+        if self.active:
+            f, experts = self.experts(b, h2, n)
+            aux = (idx, experts)
+        else:
+            f = self.ffn(b, h2, n)
+        xs = g.op("Add", [xs, g.op("Mul", [f, g2])])
+        if self.active:
+            if self.lowering == "plugin":
+                x = g.op(TOKEN_SCATTER_OP, [x, g.cast(idx, I32), xs], domain=CUSTOM_DOMAIN, **PLUGIN_ATTRS)
+            else:
+                x = g.op("ScatterElements", [x, idx3, xs], axis=1)
+        else:
+            x = xs
+        return x, kv, aux
+
+    def attention(self, b, h_f32, n, cache):
+        g, S, C, H = self.g, self.S, self.C, self.H
+        pre = f"blocks.{b}.attn"
+        zero = g.const(np.zeros(C, np.float32), hint="zk")
+        bias = g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero, g.cast(g.w(f"{pre}.v_bias"), F32, self.P)], axis=0)
+        qkv = g.op("Gemm", [g.reshape(self.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), self.to_p(bias)], transB=1)
+        qkv = g.op("Transpose", [g.reshape(qkv, S, n, 3, H, 64)], perm=[2, 0, 3, 1, 4])    # 3 S H n c
+        q, k, v = [g.reshape(g.slice(qkv, [i], [i + 1], [0]), S, H, n, 64) for i in range(3)]
+        q, k = self._l2norm(self.to_f32(q)), self._l2norm(self.to_f32(k))
+        scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])
+        q, k = self.to_p(g.op("Mul", [q, scale])), self.to_p(k)
+        k_all = k if cache is None else g.op("Concat", [cache[0], k], axis=2)
+        v_all = v if cache is None else g.op("Concat", [cache[1], v], axis=2)
+        att = g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
+        att = self.to_p(g.op("Softmax", [self.to_f32(att)], axis=-1))
+        o = g.op("Transpose", [g.op("MatMul", [att, v_all])], perm=[0, 2, 1, 3])        # S n H c
+        out = self.to_f32(g.gemm(g.reshape(o, -1, C), f"{pre}.proj.weight", f"{pre}.proj.bias"))
+        return g.reshape(out, S, n, C), (k_all, v_all)
+
+    def _l2norm(self, x):
+        g = self.g
+        nrm = g.op("ReduceL2", [x], axes=[-1], keepdims=1)
+        return g.op("Div", [x, g.op("Max", [nrm, g.scalar(1e-12)])])
+
+    def _fc1_gelu(self, b, h2_f32):
+        g = self.g
+        a = g.gemm(g.reshape(self.to_p(h2_f32), -1, self.C), f"blocks.{b}.ffn.fc1.weight", f"blocks.{b}.ffn.fc1.bias")
+        return self.to_p(g.gelu_tanh(self.to_f32(a), F32))
+
+    def ffn(self, b, h2, n):
+        g = self.g
+        out = g.gemm(self._fc1_gelu(b, h2), f"blocks.{b}.ffn.fc2.weight", f"blocks.{b}.ffn.fc2.bias")
+        return g.reshape(self.to_f32(out), self.S, n, self.C)
+
+    def experts(self, b, h2, n):
+        g, C, N, kw = self.g, self.C, self.N, self.k_w
+        T = self.S * n
+        pre = f"blocks.{b}.ffn"
+        h2p = g.reshape(self.to_p(h2), T, C)
+        router = self.to_f32(g.gemm(h2p, f"{pre}.router.weight", f"{pre}.router.bias"))    # (T, N)
+        if self.lowering == "plugin":
+            out, e32 = g.op(EXPERT_FFN_OP, [h2p, router, g.w(f"{pre}.fc1.weight"), g.w(f"{pre}.fc1.bias"),
+                                            g.w(f"{pre}.fc2.weight"), g.w(f"{pre}.fc2.bias")], n_out=2,
+                            domain=CUSTOM_DOMAIN, num_experts=N, top_k=kw, **PLUGIN_ATTRS)
+            experts = g.cast(e32, I64)
+        else:
+            experts = self.topk_indices(router, kw)                                     # (T, kw) ascending
+            ones = g.op("ConstantOfShape", [g.i64(T, kw)], value=_f32_tensor(1.0))
+            zeros = g.op("ConstantOfShape", [g.i64(T, N)], value=_f32_tensor(0.0))
+            mask = g.op("ScatterElements", [zeros, experts, ones], axis=1)            # (T, N)
+            d_e = 4 * C // N
+            mask_h = g.reshape(g.op("Expand", [g.op("Unsqueeze", [mask, g.i64(-1)]), g.i64(T, N, d_e)]), T, 4 * C)
+            act = g.op("Mul", [self._fc1_gelu(b, h2), self.to_p(mask_h)])
+            out = g.gemm(act, f"{pre}.fc2.weight", f"{pre}.fc2.bias")
+        return (g.reshape(self.to_f32(out), self.S, n, C),
+                g.reshape(experts, self.S, n, kw))
+
+    def head(self, x, cond_silu):
+        g, S, C, l, B = self.g, self.S, self.C, self.l, self.B
+        ada = self.to_f32(g.gemm(self.to_p(cond_silu), "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias"))
+        scale = g.op("Unsqueeze", [g.slice(ada, [0], [C], [1]), g.i64(1)])
+        shift = g.op("Unsqueeze", [g.slice(ada, [C], [2 * C], [1]), g.i64(1)])
+        hn = g.op("Add", [g.op("Mul", [g.layer_norm(x, C), g.op("Add", [scale, g.scalar(1.0)])]), shift])
+        logits = self.linear(hn, [S, l], C, self.V, "head")                               # (S, l, V)
+        t = g.op("Mul", ["cfg", g.scalar(self.si / (NUM_SCALES - 1))])
+        cond_l, unc_l = g.slice(logits, [0], [B], [0]), g.slice(logits, [B], [2 * B], [0])
+        lc = g.op("Sub", [g.op("Mul", [cond_l, g.op("Add", [t, g.scalar(1.0)])]), g.op("Mul", [unc_l, t])])
+        self._cfg_logits = lc
+        return lc
+
+    def sample(self, lc, u, top_p, cfg):
+        """The `noise` sampler: VAR's top-k / top-p filter, then the inverse CDF in vocabulary order."""
+        g, k = self.g, self.top_k
+        vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)      # (B, l, k) desc
+        mx = g.slice(vals, [0], [1], [2])
+        e = g.op("Exp", [g.op("Sub", [vals, mx])])
+        p = g.op("Div", [e, g.op("ReduceSum", [e, g.i64(-1)], keepdims=1)])
+        asc = g.op("CumSum", [p, g.i64(-1)], reverse=1)   # ascending cumulative probability of each kept rank
+        thr = g.op("Where", [g.op("Greater", [top_p, g.scalar(0.0)]),
+                             g.op("Sub", [g.scalar(1.0), top_p]), g.scalar(-1.0)])
+        keep_n = g.op("ReduceSum", [g.cast(g.op("Greater", [asc, thr]), I64), g.i64(-1)], keepdims=1)
+        keep_n = g.op("Max", [keep_n, g.i64(1)])                                           # the top token stays
+        last = g.op("GatherElements", [vals, g.op("Sub", [keep_n, g.i64(1)])], axis=2)     # smallest kept logit
+        keep = g.op("GreaterOrEqual", [lc, last])
+        w = g.op("Where", [keep, g.op("Exp", [g.op("Sub", [lc, mx])]), g.scalar(0.0)])
+        cdf = g.op("CumSum", [w, g.i64(-1)])
+        total = g.slice(cdf, [self.V - 1], [self.V], [2])
+        below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
+        count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
+        return g.op("Min", [count, g.i64(self.V - 1)])
+
+    def fhat_update(self, f_hat, idx):
+        g, B, pn = self.g, self.B, PATCH_NUMS[self.si]
+        h = g.op("Gather", [g.w("vae.quantize.embedding.weight"), idx], axis=0)           # (B, l, 32)
+        h = g.reshape(g.op("Transpose", [h], perm=[0, 2, 1]), B, CVAE, pn, pn)
+        if self.si != NUM_SCALES - 1:
+            h = g.op("Resize", [h, "", "", g.i64(B, CVAE, 16, 16)], mode="cubic", cubic_coeff_a=-0.75,
+                     coordinate_transformation_mode="half_pixel", exclude_outside=0)
+        from ..config import PHI_INDEX
+        key = f"vae.quantize.quant_resi.qresi_ls.{PHI_INDEX[self.si]}"
+        conv = g.op("Conv", [h, g.w(key + ".weight"), g.w(key + ".bias")], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+        phi = g.op("Add", [g.op("Mul", [h, g.scalar(0.5)]), g.op("Mul", [conv, g.scalar(0.5)])])
+        return g.op("Add", [f_hat, phi])
+
+    def next_input(self, f_hat):
+        g, B, si = self.g, self.B, self.si
+        pn = PATCH_NUMS[si + 1]
+        A = area_matrix(16, pn)
+        d = g.op("MatMul", [g.op("MatMul", [g.const(A, hint="area"), f_hat]), g.const(A.T.copy(), hint="areaT")])
+        d = g.op("Transpose", [g.reshape(d, B, CVAE, pn * pn)], perm=[0, 2, 1])           # (B, l', 32)
+        x = self.linear(d, [B, pn * pn], CVAE, self.C, "word_embed")
+        x = g.op("Add", [x, self.lvl_pos(si + 1)])
+        return g.op("Concat", [x, x], axis=0)
+
+
+def _f32_tensor(v: float):
+    from onnx import helper
+    return helper.make_tensor("v", F32, [1], [v])
+
+
+def build_step(spec: ModelSpec, si: int, batch: int, store, precision: str, lowering: str, top_k: int):
+    if lowering not in LOWERINGS:
+        raise ValueError(lowering)
+    return StepBuilder(spec, si, batch, store, precision, lowering, top_k).build()

@@ -1,0 +1,1 @@
+"""Runtimes for deploy bundles (ONNX Runtime now; TensorRT engines later)."""

@@ -1,0 +1,81 @@
+"""ONNX Runtime backend: lazy per-graph sessions sharing one in-memory copy of the weights,
+and one `infer(graph, feed) -> dict` contract (Polygraphy style)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import ActVarError
+from ..export.graph import CUSTOM_DOMAIN
+
+_NP = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32}
+
+
+def default_providers() -> List[str]:
+    import onnxruntime as ort
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+
+class OrtBackend:
+    def __init__(self, bundle: Bundle, providers: Optional[Sequence[str]] = None):
+        import onnxruntime as ort
+        self.ort = ort
+        self.bundle = bundle
+        self.providers = list(providers or default_providers())
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise ActVarError(f"ONNX Runtime here lacks {', '.join(missing)} (available: {', '.join(ort.get_available_providers())})")
+        self._sessions: Dict[str, "ort.InferenceSession"] = {}
+        self._shared: Dict[str, "ort.OrtValue"] = {}
+        self._weights = None
+
+    def _weights_map(self):
+        if self._weights is None:
+            self._weights = np.memmap(self.bundle.path / "weights.bin", dtype=np.uint8, mode="r")
+        return self._weights
+
+    def session(self, name: str):
+        if name not in self._sessions:
+            self._sessions[name] = self._create(name)
+        return self._sessions[name]
+
+    def _create(self, name: str):
+        import onnx
+        ort = self.ort
+        model = onnx.load(str(self.bundle.graph_path(name)), load_external_data=False)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.bundle.path))
+        # one copy of each weight in memory for all sessions (no per-session pre-packed duplicates)
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        w = self._weights_map()
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in _NP:
+                continue
+            if t.name not in self._shared:
+                d = {e.key: e.value for e in t.external_data}
+                arr = np.frombuffer(w, dtype=np.uint8, count=int(d["length"]), offset=int(d["offset"]))
+                self._shared[t.name] = ort.OrtValue.ortvalue_from_numpy(arr.view(_NP[t.data_type]).reshape(tuple(t.dims)))
+            so.add_initializer(t.name, self._shared[t.name])
+        if any(n.domain == CUSTOM_DOMAIN for n in model.graph.node):
+            from .ort_ops import ORT_CONTRIB_DOMAIN, register
+            so.register_custom_ops_library(register())
+            for n in model.graph.node:
+                if n.domain == CUSTOM_DOMAIN:
+                    n.domain = ORT_CONTRIB_DOMAIN
+            for o in model.opset_import:
+                if o.domain == CUSTOM_DOMAIN:
+                    o.domain = ORT_CONTRIB_DOMAIN
+        try:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+        except Exception as e:  # ORT raises its own exception types
+            raise ActVarError(f"{self.bundle.graph_path(name)}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+
+    def infer(self, name: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        s = self.session(name)
+        names = [o.name for o in s.get_outputs()]
+        return dict(zip(names, s.run(names, feed)))
