@@ -44,7 +44,7 @@ def _pack_kv(caches) -> torch.Tensor:
     return torch.stack([torch.stack(kv) for kv in caches])          # (D, 2, S, H, L, 64)
 
 
-def _gap_at(sorted_desc: torch.Tensor, k: int) -> torch.Tensor:
+def _gap_at(sorted_desc: torch.Tensor, k: int) -> torch.Tensor:  # noqa: D401
     """Score gap between the k-th and (k+1)-th largest (inf when all are chosen)."""
     if k >= sorted_desc.shape[-1]:
         return torch.full(sorted_desc.shape[:-1], math.inf)
@@ -54,17 +54,20 @@ def _gap_at(sorted_desc: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def reference_steps(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tensor, s: SampleSettings) -> List[dict]:
     """The reference's inputs, outputs and decision margins for every scale, in the graphs' I/O names."""
+    dev = next(model.parameters()).device
+    labels, u = labels.to(dev), u.to(dev)
     B = labels.shape[0]
     x, cond = model.first_input(labels)
     caches = [None] * model.depth
-    f_hat = torch.zeros(B, 32, 16, 16)
+    f_hat = torch.zeros(B, 32, 16, 16, device=dev)
     steps = []
+    np_ = lambda t: t.detach().cpu().numpy()
     for si in range(NUM_SCALES):
         a, l = SCALE_BEGIN[si], SCALE_LENS[si]
-        ins = {"labels": labels.numpy(), "u": u[:, a:a + l].numpy(), "cfg": np.array([s.cfg], np.float32),
+        ins = {"labels": np_(labels), "u": np_(u[:, a:a + l]), "cfg": np.array([s.cfg], np.float32),
                "top_p": np.array([s.top_p], np.float32)}
         if si:
-            ins.update({"x_in": x.numpy(), "kv_in": _pack_kv(caches).numpy(), "f_hat_in": f_hat.numpy()})
+            ins.update({"x_in": np_(x), "kv_in": np_(_pack_kv(caches)), "f_hat_in": np_(f_hat)})
         st = model.step(si, x, cond, caches)
         caches = model.extend_caches(caches, st.kv)
         lc = cfg_logits(st.logits_SlV, si, s.cfg)
@@ -78,21 +81,21 @@ def reference_steps(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tenso
         lo = torch.where(idx > 0, cdf.gather(-1, (idx - 1).clamp_min(0).unsqueeze(-1))[..., 0], torch.zeros_like(hi))
         m_cdf = torch.minimum(hi - target, target - lo)
         srt = lc.sort(-1, descending=True).values
-        m_k = _gap_at(srt, s.top_k) if s.top_k else torch.full_like(hi, math.inf)
+        m_k = _gap_at(srt, s.top_k).to(hi.device) if s.top_k else torch.full_like(hi, math.inf)
         f_hat = vae.fhat_update(si, f_hat, idx)
-        outs = {"idx": idx.numpy(), "logits": lc.numpy(), "f_hat_out": f_hat.numpy(), "kv_out": _pack_kv(caches).numpy()}
-        margins = {"idx": torch.minimum(m_cdf, m_k).numpy()}
+        outs = {"idx": np_(idx), "logits": np_(lc), "f_hat_out": np_(f_hat), "kv_out": np_(_pack_kv(caches))}
+        margins = {"idx": np_(torch.minimum(m_cdf, m_k))}
         if si < NUM_SCALES - 1:
             x = model.scale_input(si + 1, vae.next_input(si, f_hat))
-            outs["x_next"] = x.numpy()
+            outs["x_next"] = np_(x)
         k_t, k_w = model.sizes(si)
         if k_t is not None:
-            outs["sel_idx"] = torch.stack([ax.idx_SK for ax in st.aux]).numpy()
-            outs["experts"] = torch.stack([ax.experts_SKE for ax in st.aux]).numpy()
-            margins["sel_idx"] = torch.stack([_gap_at(ax.scores_SL.sort(-1, descending=True).values, k_t)
-                                              for ax in st.aux]).numpy()
-            margins["experts"] = torch.stack([_gap_at(ax.router_SKN.sort(-1, descending=True).values, k_w)
-                                              for ax in st.aux]).numpy()
+            outs["sel_idx"] = np_(torch.stack([ax.idx_SK for ax in st.aux]))
+            outs["experts"] = np_(torch.stack([ax.experts_SKE for ax in st.aux]))
+            margins["sel_idx"] = np_(torch.stack([_gap_at(ax.scores_SL.sort(-1, descending=True).values.cpu(), k_t)
+                                                  for ax in st.aux]))
+            margins["experts"] = np_(torch.stack([_gap_at(ax.router_SKN.sort(-1, descending=True).values.cpu(), k_w)
+                                                  for ax in st.aux]))
         steps.append({"inputs": ins, "outputs": outs, "margins": margins})
     return steps
 
@@ -223,8 +226,8 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
     if end_to_end:
         images, ids, _, _ = run_bundle(backend, lab.numpy(), u.numpy(), settings.cfg, settings.top_p)
         ref = generate(model, vae, lab, settings, u_BL=u)
-        per = [float((a == r.numpy()).mean()) for a, r in zip(ids, ref.idx)]
+        per = [float((a == r.cpu().numpy()).mean()) for a, r in zip(ids, ref.idx)]
         rep.per_scale_token_agreement = per
         rep.token_agreement = float(sum(p * n for p, n in zip(per, SCALE_LENS)) / TOTAL_TOKENS)
-        rep.psnr_db = psnr(images, ref.images_B3HW.numpy())
+        rep.psnr_db = psnr(images, ref.images_B3HW.cpu().numpy())
     return rep

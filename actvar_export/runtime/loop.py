@@ -10,10 +10,11 @@ from ..config import NUM_SCALES, SCALE_BEGIN, SCALE_LENS
 
 def step_feed(si: int, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: float,
               prev: Optional[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Inputs of step graph si; the carried tensors (x_in, kv_in, f_hat_in) come from `prev` when given."""
     a, l = SCALE_BEGIN[si], SCALE_LENS[si]
     feed = {"labels": labels.astype(np.int64), "u": np.ascontiguousarray(u[:, a:a + l], dtype=np.float32),
             "cfg": np.array([cfg], np.float32), "top_p": np.array([top_p], np.float32)}
-    if si:
+    if si and prev is not None:
         feed.update({"x_in": prev["x_next"], "kv_in": prev["kv_out"], "f_hat_in": prev["f_hat_out"]})
     return feed
 
@@ -31,3 +32,30 @@ def run_bundle(backend, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: fl
             progress(si)
     images = backend.infer("decoder", {"f_hat": prev["f_hat_out"]})["image"] if decode else None
     return images, ids, outs, prev["f_hat_out"]
+
+
+def run_bundle_device(backend, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: float, device_id: int = 0):
+    """The same loop with I/O binding: caches, f_hat and next inputs stay on the GPU between scales
+    (CUDA execution provider); only the ids and the image come back to the host."""
+    where = "cuda" if "CUDAExecutionProvider" in backend.providers else "cpu"
+    prev, ids = None, []
+    for si in range(NUM_SCALES):
+        s = backend.session(f"step_{si}")
+        io = s.io_binding()
+        for name, arr in step_feed(si, labels, u, cfg, top_p, None).items():
+            io.bind_cpu_input(name, arr)
+        if si:
+            for name, src in (("x_in", "x_next"), ("kv_in", "kv_out"), ("f_hat_in", "f_hat_out")):
+                io.bind_ortvalue_input(name, prev[src])
+        names = [o.name for o in s.get_outputs()]
+        for n in names:
+            io.bind_output(n, where, device_id)
+        s.run_with_iobinding(io)
+        prev = dict(zip(names, io.get_outputs()))
+        ids.append(prev["idx"])
+    d = backend.session("decoder")
+    io = d.io_binding()
+    io.bind_ortvalue_input("f_hat", prev["f_hat_out"])
+    io.bind_output("image", where, device_id)
+    d.run_with_iobinding(io)
+    return io.get_outputs()[0].numpy(), [i.numpy() for i in ids]
