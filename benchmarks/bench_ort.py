@@ -53,6 +53,8 @@ def main():
     providers = a.providers.split(",")
     backend = OrtBackend(bundle, providers)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False    # the reference stays true fp32 (no TF32)
+    torch.backends.cudnn.allow_tf32 = False
     model, vae = build_models(load_checkpoint(ck), dev)
     labels = [(37 * i) % 1000 for i in range(a.batch)]
     settings = SampleSettings(sampler="noise", cfg=1.5, top_k=900, top_p=0.96)

@@ -76,6 +76,14 @@ class OrtBackend:
             raise ActVarError(f"{self.bundle.graph_path(name)}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
     def infer(self, name: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Run one graph; inputs are cast to the graph's declared types (e.g. an fp32 reference cache
+        into an fp16 graph)."""
         s = self.session(name)
+        want = {i.name: _ORT_TYPES.get(i.type) for i in s.get_inputs()}
+        feed = {k: (v.astype(want[k]) if want.get(k) is not None and v.dtype != want[k] else v) for k, v in feed.items()}
         names = [o.name for o in s.get_outputs()]
         return dict(zip(names, s.run(names, feed)))
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
