@@ -20,6 +20,10 @@ from .vqvae import VQVAE
 
 RANDOM_NOTE = "RANDOM WEIGHTS (actvar-export init-ckpt): not a trained model; images are noise-like textures"
 LOGIT_STD = 3.0
+# each sub-update (attention, FFN) gets ~0.35 of its input's norm, so a block (both sub-updates)
+# changes its input by ~0.5 of its norm: far from vacuous, yet the residual stream grows only
+# ~1.12x per block (d30: ~30x in all), which keeps gammas and activations inside fp16's range
+SUB_UPDATE_RATIO = 0.35
 
 
 def _trunc(t: torch.Tensor, std: float, g: torch.Generator):
@@ -62,7 +66,7 @@ def init_var(spec: ModelSpec, seed: int) -> VAR:
 
 @torch.no_grad()
 def _calibrate(m: VAR, g: torch.Generator):
-    """Set each block's gamma so ‖update‖ ≈ ‖input‖, and the head so logits have std LOGIT_STD,
+    """Set each block's gamma so ‖update‖ ≈ SUB_UPDATE_RATIO·‖input‖, and the head so logits have std LOGIT_STD,
     measured on a sequence like the last scale's (dense path, no cache)."""
     C, S = m.C, 4
     label = torch.randint(0, m.num_classes, (S // 2,), generator=g)
@@ -73,12 +77,12 @@ def _calibrate(m: VAR, g: torch.Generator):
         ada = blk.ada_lin[1]
         _g1, _g2, s1, s2, b1, b2 = blk.ada(cond)
         a, _ = blk.attn(blk.ln(x) * (1 + s1) + b1, None)
-        g1 = (x.norm() / a.norm()).item()
+        g1 = SUB_UPDATE_RATIO * (x.norm() / a.norm()).item()
         ada.bias[:C].fill_(g1)
         _trunc(ada.weight[:C], 0.1 * g1 / math.sqrt(C), g)
         x = x + a * blk.ada(cond)[0]
         f = blk.ffn(blk.ln(x) * (1 + s2) + b2)
-        g2 = (x.norm() / f.norm()).item()
+        g2 = SUB_UPDATE_RATIO * (x.norm() / f.norm()).item()
         ada.bias[C:2 * C].fill_(g2)
         _trunc(ada.weight[C:2 * C], 0.1 * g2 / math.sqrt(C), g)
         x = x + f * blk.ada(cond)[1]
