@@ -14,7 +14,12 @@ setup(
         "pillow",
         "onnx>=1.16",
         "onnxruntime>=1.18",
+        "onnxruntime-extensions>=0.12",  # CPU reference of the plugin ops inside ONNX Runtime
     ],
-    extras_require={"test": ["pytest>=8"], "trt": ["tensorrt-rtx-cu13", "polygraphy"]},
+    extras_require={
+        # tests pin the ONNX Runtime of the GPU machine (1.30), whose IR limit (10) the bundles must meet
+        "test": ["pytest>=8", "onnxruntime==1.30.0"],
+        "trt": ["tensorrt-rtx-cu13", "polygraphy"],
+    },
     entry_points={"console_scripts": ["actvar-export=actvar_export.cli:main"]},
 )
