@@ -262,6 +262,14 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     click.echo(rep.table())
     if json_out:
         json_out.write_text(json.dumps(rep.to_dict(), indent=1))
+    if grid and rep.images:
+        from .images import save_grid
+        ref, got = torch.from_numpy(rep.images["reference"]), torch.from_numpy(rep.images["bundle"])
+        diff = ((got - ref).abs() * 10).clamp(0, 1)
+        save_grid(torch.cat([ref, got, diff]), grid, cols=len(labels),
+                  labels=[f"reference {c}" for c in labels] + [f"bundle {c}" for c in labels] + [f"|diff|x10 {c}" for c in labels],
+                  title=f"validate: PSNR {rep.psnr_db:.1f} dB, token agreement {100 * rep.token_agreement:.2f}%")
+        click.echo(f"wrote {grid}")
     if rep.failures:
         click.echo("\n".join("FAIL " + f for f in rep.failures), err=True)
         raise ValidationError(f"{len(rep.failures)} check(s) failed: {rep.failures[0]}")

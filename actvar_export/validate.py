@@ -118,6 +118,7 @@ class Report:
     token_agreement: Optional[float] = None
     per_scale_token_agreement: Optional[List[float]] = None
     psnr_db: Optional[float] = None
+    images: Optional[dict] = field(default=None, repr=False)   # {"reference", "bundle"} arrays, not serialised
 
     @property
     def failures(self) -> List[str]:
@@ -125,7 +126,9 @@ class Report:
         return f
 
     def to_dict(self):
-        return asdict(self) | {"failures": self.failures}
+        d = asdict(self)
+        d.pop("images", None)
+        return d | {"failures": self.failures}
 
     def table(self) -> str:
         mode = "max abs" if self.tolerances["mode"] == "abs" else "rel"
@@ -230,4 +233,5 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
         rep.per_scale_token_agreement = per
         rep.token_agreement = float(sum(p * n for p, n in zip(per, SCALE_LENS)) / TOTAL_TOKENS)
         rep.psnr_db = psnr(images, ref.images_B3HW.cpu().numpy())
+        rep.images = {"reference": ref.images_B3HW.cpu().numpy(), "bundle": images}
     return rep

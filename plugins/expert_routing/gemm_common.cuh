@@ -1,0 +1,45 @@
+// Internal: arguments of the expert-FFN GEMMs, shared by the portable and the sm_90a kernels.
+#pragma once
+#include "../common/actvar_common.cuh"
+
+namespace actvar {
+
+// D[rowD(m), g*groupN + n] = epi( sum_k A[rowA(m), k] * B[g*groupN + n, k] + bias[g*groupN + n] )
+// ("NT": A and B both K-contiguous). Grouped over blockIdx.z = g; rowA = rowD = rowIdx[g*rowIdxStride + m]
+// (identity if rowIdx is null); M of group g = counts[g] (p.M if counts is null).
+template <typename T>
+struct GemmArgs {
+    const T* A; int64_t lda;
+    const T* B; int64_t ldb;
+    const T* bias;
+    T* D; int64_t ldd;
+    int M, N, K;
+    int groupN;                 // per-group shift of B rows / bias / D columns (0 if not grouped)
+    const int32_t* rowIdx;      // nullptr: identity rows
+    int64_t rowIdxStride;       // per-group stride of rowIdx
+    const int32_t* counts;      // nullptr: M rows per group
+    int kSplit;                 // > 1: split K over blockIdx.z, write fp32 partials (sm_90a path, no groups)
+    float* partial;             // [kSplit, M, N] fp32 when kSplit > 1
+    int numGroups;              // set by the sm_90a launcher
+    int mTiles;                 // set by the sm_90a launcher
+};
+
+// Split-K policy of the output GEMM (fc2), a pure function of the shape so that the workspace size can be
+// queried without a device: split when the 128 x 128 tiles cannot fill a 132-SM GPU.
+inline int fc2SplitK(int T, int C, int hidden) {
+    const int64_t tiles = (int64_t)((T + 127) / 128) * ((C + 127) / 128);
+    int s = (int)(132 / (tiles > 0 ? tiles : 1));
+    const int maxByK = hidden / 512;   // keep >= 8 k-tiles of 64 per slice
+    if (s > 8) s = 8;
+    if (s > maxByK) s = maxByK;
+    return s < 2 ? 1 : s;
+}
+
+#if defined(ACTVAR_HAVE_SM90A)
+// Hopper (sm_90a) wgmma path, defined in gemm_sm90.cu. Returns cudaErrorNotSupported when the shape or
+// alignment is outside what it handles (the caller then falls back to the portable kernels).
+template <typename T, bool GELU>
+cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream);
+#endif
+
+}  // namespace actvar

@@ -1,0 +1,236 @@
+// Hopper (sm_90a) GEMM for the expert FFN: wgmma.mma_async with operands in 128-byte-swizzled shared memory.
+// Compiled for sm_90a only (see CMakeLists.txt); the portable mma.sync / SIMT kernels cover other GPUs.
+//
+// CTA: 256 threads = 2 warpgroups; tile 128 (M) x BN (N) x 64 (K); warpgroup w computes rows [64w, 64w+64).
+// Loads: every thread issues 16-byte cp.async for A and B (A rows gathered through rowIdx on the fly) into a
+// ring of kStages 128-byte-swizzled stages. Each K step: wait for the stage, proxy fence, barrier, issue the
+// loads PD steps ahead, 4 wgmma (k16 each) on the current stage, commit, then either keep one wgmma group in
+// flight (KEEP1, PD = kStages - 2) or drain it (PD = kStages - 1; with 3 stages two CTAs fit on an SM).
+// Epilogue: + bias, optional GELU(tanh), bf16/fp16 pairs to D[rowIdx[m]]; or fp32 partials for split-K.
+// Grid: x = group + groups * nTile (all experts of one token range run together), y = mTile, z = K slice.
+#include "gemm_common.cuh"
+#include "wgmma_ops.cuh"
+
+#include <cstdlib>
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "gemm_sm90.cu must be compiled for sm_90a only"
+#endif
+
+namespace actvar {
+namespace {
+
+constexpr int kBM = 128, kBK = 64, kThreads = 256;
+
+template <int BN, int kStages>
+constexpr int smemBytes() { return kStages * (kBM + BN) * kBK * 2 + 1024; }  // + alignment slack
+
+__device__ __forceinline__ void cpAsync16(uint32_t smem, const void* gmem, bool valid) {
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smemDesc(uint32_t addr) {
+    uint64_t d = 0;
+    d |= (uint64_t)((addr & 0x3FFFF) >> 4);
+    d |= (uint64_t)1 << 16;              // leading byte offset (unused for swizzled K-major)
+    d |= (uint64_t)(1024 >> 4) << 32;    // stride byte offset
+    d |= (uint64_t)1 << 62;              // SWIZZLE_128B
+    return d;
+}
+
+template <typename T> struct Pack;
+template <> struct Pack<__half> {
+    __device__ __forceinline__ static uint32_t pair(float x, float y) {
+        __half2 v = __floats2half2_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+template <> struct Pack<__nv_bfloat16> {
+    __device__ __forceinline__ static uint32_t pair(float x, float y) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+template <typename T, int BN>
+__device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        if constexpr (BN == 256) wgmmaM64N256K16Bf16(acc, da, db); else wgmmaM64N128K16Bf16(acc, da, db);
+    } else {
+        if constexpr (BN == 256) wgmmaM64N256K16F16(acc, da, db); else wgmmaM64N128K16F16(acc, da, db);
+    }
+}
+
+template <typename T, int BN, int kStages, bool GELU, bool KEEP1 = true>
+__global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
+    constexpr int A_CH = kBM * 8 / kThreads;   // 16-byte chunks per thread
+    constexpr int B_CH = BN * 8 / kThreads;
+    constexpr int NACC = BN / 2;
+    extern __shared__ unsigned char smemRaw[];
+    const uint32_t sbase = ((uint32_t)__cvta_generic_to_shared(smemRaw) + 1023u) & ~1023u;
+
+    // grid: x = group + groups * nTile (the groups of one token range run together, so gathered A rows and
+    // the H rows of one m-tile are shared through L2), y = mTile, z = K slice (split-K) or 0
+    const int groups = p.kSplit > 1 ? 1 : p.numGroups;
+    const int g = blockIdx.x % groups;
+    const int M = p.counts ? p.counts[g] : p.M;
+    const int m0 = blockIdx.y * kBM, n0 = (blockIdx.x / groups) * BN;
+    if (m0 >= M) return;
+    const int32_t* rowIdx = p.rowIdx ? p.rowIdx + g * p.rowIdxStride : nullptr;
+    const T* Bg = p.B + (int64_t)g * p.groupN * p.ldb;
+    const int tid = threadIdx.x;
+    const int ch = tid & 7;          // 16-byte chunk within a 128-byte row
+    const int r0 = tid >> 3;         // first row this thread loads (then every 32 rows)
+
+    const T* aSrc[A_CH];
+    bool aOk[A_CH];
+#pragma unroll
+    for (int i = 0; i < A_CH; ++i) {
+        const int m = m0 + r0 + 32 * i;
+        aOk[i] = m < M;
+        const int64_t ar = aOk[i] ? (rowIdx ? rowIdx[m] : m) : 0;
+        aSrc[i] = p.A + ar * p.lda + ch * 8;
+    }
+    const T* bSrc = Bg + (int64_t)(n0 + r0) * p.ldb + ch * 8;
+    const int64_t bStep = 32 * p.ldb;
+    const int bRowsLeft = p.N - n0 - r0;     // B row r0 + 32i valid iff 32i < bRowsLeft
+    // swizzled destination offset of (row, chunk): row*128 + ((chunk ^ (row & 7)) << 4); row & 7 == r0 & 7
+    const uint32_t dOff = (uint32_t)r0 * 128u + (uint32_t)((ch ^ (r0 & 7)) << 4);
+
+    const int KT = p.K / kBK;
+    auto loadStage = [&](int kt) {
+        const uint32_t st = sbase + (uint32_t)(kt % kStages) * STAGE;
+        const int64_t ko = (int64_t)kt * kBK;
+#pragma unroll
+        for (int i = 0; i < A_CH; ++i) cpAsync16(st + dOff + i * 32 * 128, aSrc[i] + ko, aOk[i]);
+#pragma unroll
+        for (int i = 0; i < B_CH; ++i) {
+            const bool ok = 32 * i < bRowsLeft;
+            cpAsync16(st + A_BYTES + dOff + i * 32 * 128, ok ? bSrc + i * bStep + ko : p.B, ok);
+        }
+    };
+
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+    // KEEP1: one wgmma group stays in flight, prefetch distance PD = kStages - 2 (stages hold k-tiles kt-1, which
+    // wgmma may still read, kt, kt+1, kt+2); else every step drains wgmma and PD = kStages - 1.
+    constexpr int PD = KEEP1 ? kStages - 2 : kStages - 1;
+    const int kt0 = p.kSplit > 1 ? (int)((int64_t)blockIdx.z * KT / p.kSplit) : 0;
+    const int kt1 = p.kSplit > 1 ? (int)((int64_t)(blockIdx.z + 1) * KT / p.kSplit) : KT;
+#pragma unroll
+    for (int s = 0; s < PD; ++s) {
+        if (kt0 + s < kt1) loadStage(kt0 + s);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    const int wg = tid >> 7;
+    for (int kt = kt0; kt < kt1; ++kt) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(PD - 1));
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        if (kt + PD < kt1) loadStage(kt + PD);
+        asm volatile("cp.async.commit_group;\n" ::);
+        const uint32_t st = sbase + (uint32_t)(kt % kStages) * STAGE;
+        const uint64_t da = smemDesc(st + wg * 64 * 128);
+        const uint64_t db = smemDesc(st + A_BYTES);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int k = 0; k < kBK / 16; ++k) wgmmaStep<T, BN>(acc, da + 2 * k, db + 2 * k);  // +32 bytes per k16
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        if (KEEP1) asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        else asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    asm volatile("cp.async.wait_group 0;\n" ::);
+
+    // epilogue. Accumulator layout of m64nNk16: thread (warp w of the warpgroup, lane l) holds for each
+    // n8 block j: rows 16w + l/4 (regs 4j, 4j+1) and +8 (regs 4j+2, 4j+3), columns 8j + 2(l%4) + {0,1}.
+    const int wl = (tid & 127) >> 5, lane = tid & 31;
+    if (p.kSplit > 1) {  // fp32 partial sums of this K slice (no groups, identity rows)
+        float* P = p.partial + (int64_t)blockIdx.z * p.M * p.N;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + wg * 64 + wl * 16 + (lane >> 2) + 8 * h;
+            if (m >= M) continue;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int n = n0 + 8 * j + 2 * (lane & 3);
+                if (n >= p.N) continue;
+                *reinterpret_cast<float2*>(P + (int64_t)m * p.N + n) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            }
+        }
+        return;
+    }
+    const T* bias = p.bias + (int64_t)g * p.groupN;
+    T* D = p.D + (int64_t)g * p.groupN;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = m0 + wg * 64 + wl * 16 + (lane >> 2) + 8 * h;
+        if (m >= M) continue;
+        const int64_t dr = rowIdx ? rowIdx[m] : m;
+        T* drow = D + dr * p.ldd;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            const int n = n0 + 8 * j + 2 * (lane & 3);
+            if (n >= p.N) continue;
+            float v0 = acc[4 * j + 2 * h] + Cvt<T>::toF(bias[n]);
+            float v1 = acc[4 * j + 2 * h + 1] + Cvt<T>::toF(bias[n + 1]);
+            if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
+            *reinterpret_cast<uint32_t*>(drow + n) = Pack<T>::pair(v0, v1);
+        }
+    }
+#endif
+}
+
+template <typename T, int BN, int S, bool GELU, bool KEEP1 = true>
+cudaError_t launchBn(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t stream) {
+    auto kern = gemmWgmmaKernel<T, BN, S, GELU, KEEP1>;
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smemBytes<BN, S>());
+    if (e != cudaSuccess) return e;
+    GemmArgs<T> q = p;
+    q.numGroups = p.kSplit > 1 ? 1 : groups;
+    dim3 grid(q.numGroups * ((p.N + BN - 1) / BN), (maxM + kBM - 1) / kBM, p.kSplit > 1 ? p.kSplit : 1);
+    kern<<<grid, kThreads, smemBytes<BN, S>(), stream>>>(q);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T, bool GELU>
+cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
+    const bool ok = p.K % kBK == 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.N % 2 == 0 && p.groupN % 2 == 0 &&
+                    (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 &&
+                    p.ldd % 2 == 0 && ((int64_t)p.groupN * p.ldb) % 8 == 0 && p.K > 0 &&
+                    (p.kSplit <= 1 || (groups == 1 && !p.rowIdx && !p.counts && p.partial && !GELU));
+    if (!ok) return cudaErrorNotSupported;
+    const int64_t tiles256 = (int64_t)groups * ((maxM + kBM - 1) / kBM) * ((p.N + 255) / 256);
+    // tile config: ACTVAR_FC1_CFG / ACTVAR_FC2_CFG (GELU = fc1) = 0 auto, 1: 128x256 4 stages,
+    // 2: 128x128 4 stages, 3: 128x128 3 stages (two CTAs per SM), 4: as 3 with prefetch distance 2 and
+    // no wgmma group kept in flight -- for measurements
+    static const int cfgEnv[2] = {[] { const char* v = std::getenv("ACTVAR_FC2_CFG"); return v ? std::atoi(v) : 0; }(),
+                                  [] { const char* v = std::getenv("ACTVAR_FC1_CFG"); return v ? std::atoi(v) : 0; }()};
+    int cfg = cfgEnv[GELU ? 1 : 0];
+    if (p.kSplit > 1 && cfg == 1) cfg = 2;
+    if (cfg == 0 && GELU) cfg = 4;  // fc1 (short K = C): two CTAs per SM overlap one's epilogue with the other's MMAs
+    if (cfg == 0) {
+        // BN = 256 when it fills the chip and does not waste more than an eighth of the columns
+        const int n256 = (p.N + 255) / 256 * 256, n128 = (p.N + 127) / 128 * 128;
+        cfg = (p.kSplit <= 1 && tiles256 >= numSms && n256 * 8 <= n128 * 9) ? 1 : 2;
+    }
+    if (cfg == 1) return launchBn<T, 256, 4, GELU>(p, groups, maxM, stream);
+    if (cfg == 3) return launchBn<T, 128, 3, GELU>(p, groups, maxM, stream);
+    if (cfg == 4) return launchBn<T, 128, 3, GELU, false>(p, groups, maxM, stream);
+    return launchBn<T, 128, 4, GELU>(p, groups, maxM, stream);
+}
+
+template cudaError_t launchGemmSm90<__half, true>(const GemmArgs<__half>&, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90<__half, false>(const GemmArgs<__half>&, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90<__nv_bfloat16, true>(const GemmArgs<__nv_bfloat16>&, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90<__nv_bfloat16, false>(const GemmArgs<__nv_bfloat16>&, int, int, int, cudaStream_t);
+
+}  // namespace actvar

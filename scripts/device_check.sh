@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One-shot GPU check for the device machine: build the plugin library, run the GPU tests, run benchmarks.
+#   scripts/device_check.sh                # every section present, in order
+#   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
+#   scripts/device_check.sh build tests    # individual steps
+# Sections: build, tests, bench (kernels = build tests bench). Other sections (e.g. ort) can be added as
+# functions named section_<name> and listed in ALL.
+# Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/device_out}
+mkdir -p "$OUT"
+export OUT PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+BUILD=${ACTVAR_BUILD_DIR:-$ROOT/build/plugins}
+ARCHS=${ACTVAR_CUDA_ARCHS:-90}
+export ACTVAR_PLUGIN_LIB=$BUILD/libactvar_plugins.so
+STATUS=0
+
+section_build() {
+    echo "== build: cmake plugins -> $BUILD (CUDA archs $ARCHS)"
+    cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+        -DACTVAR_PTXAS_VERBOSE=ON > "$OUT/build.log" 2>&1 &&
+        cmake --build "$BUILD" -j "$(nproc)" >> "$OUT/build.log" 2>&1
+    local rc=$?
+    grep -E "error|spill" "$OUT/build.log" | grep -v " 0 bytes spill" | head -20
+    echo "build rc=$rc"
+    return $rc
+}
+
+section_tests() {
+    echo "== tests: pytest -m gpu"
+    # (no junit XML: $OUT returns at most 8 files)
+    ACTVAR_REQUIRE_PLUGINS=1 python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider 2>&1 \
+        | tee "$OUT/pytest_gpu.log" | tail -30
+    local rc=${PIPESTATUS[0]}
+    [ -f "$OUT/kernel_errors.json" ] && echo "expert FFN relative errors (vs float64): $(tr -d ' \n' < "$OUT/kernel_errors.json")"
+    return $rc
+}
+
+section_bench() {
+    echo "== bench: benchmarks/bench_kernels.py"
+    python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log"
+    local rc=${PIPESTATUS[0]}
+    echo "bench JSON: $OUT/bench_kernels.json"
+    return $rc
+}
+
+section_kernels() { section_build && section_tests; local a=$?; section_bench; local b=$?; return $((a || b)); }
+
+section_ort() {
+    # ONNX Runtime with the CUDA execution provider: the onnxruntime-gpu wheel is carried in pieces
+    # (.wheelparts, see ../shared/device/README.md) and joined under /tmp/parts by earlier runs.
+    echo "== ort: onnxruntime-gpu bundle validation + throughput"
+    local whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    if [ ! -d /tmp/site/onnxruntime ]; then
+        [ -d /tmp/parts ] || { echo "no /tmp/parts: carry .wheelparts first"; return 1; }
+        cat /tmp/parts/part.* > "$whl" && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$whl" || return 1
+    fi
+    PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_ort.py --depth 16 --batch 16 --precision fp16 --workdir "/tmp/ortbench_$$" \
+        --json "$OUT/bench_ort.json" 2>&1 | tee "$OUT/bench_ort.log" | tail -40
+    return ${PIPESTATUS[0]}
+}
+
+ALL=(kernels)
+for s in ort; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+SECTIONS=("$@")
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
+for s in "${SECTIONS[@]}"; do
+    if declare -F "section_$s" > /dev/null; then
+        "section_$s" || { echo "!! section $s failed"; STATUS=1; }
+    else
+        echo "!! unknown section: $s"; STATUS=2
+    fi
+done
+echo "== device_check done, status $STATUS"
+exit $STATUS
