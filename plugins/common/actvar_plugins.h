@@ -4,17 +4,7 @@
 #ifndef ACTVAR_PLUGINS_H
 #define ACTVAR_PLUGINS_H
 
-#include <cuda_runtime_api.h>
-#include <stddef.h>
-#include <stdint.h>
-
-#ifndef ACTVAR_API
-#if defined(_WIN32)
-#define ACTVAR_API
-#else
-#define ACTVAR_API __attribute__((visibility("default")))
-#endif
-#endif
+#include "actvar_api.h"
 
 #ifdef __cplusplus
 extern "C" {
