@@ -100,15 +100,20 @@ def _need(t: torch.Tensor, name: str, dtype=None, dim=None, device=None):
         raise ValueError(f"{name} must be contiguous")
 
 
+def _topk_rows(fn_name: str, what: str, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, k] int32 ascending indices of the k largest per row (ties to the lower index) via `fn_name`."""
+    _need(scores, what, torch.float32, 2)
+    rows, n = scores.shape
+    idx = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
+    with torch.cuda.device(scores.device):
+        fn = getattr(load_library(), fn_name)
+        _check(fn(_ptr(scores), _ptr(idx), rows, n, k, _stream(scores)), fn_name)
+    return idx
+
+
 def select_tokens(scores_SL: torch.Tensor, k: int) -> torch.Tensor:
     """idx [S, k] int32: ascending positions of the k highest scores per row (ties to the lower position)."""
-    _need(scores_SL, "scores", torch.float32, 2)
-    S, L = scores_SL.shape
-    idx = torch.empty(S, k, dtype=torch.int32, device=scores_SL.device)
-    lib = load_library()
-    with torch.cuda.device(scores_SL.device):
-        _check(lib.actvarTokenSelect(_ptr(scores_SL), _ptr(idx), S, L, k, _stream(scores_SL)), "actvarTokenSelect")
-    return idx
+    return _topk_rows("actvarTokenSelect", "scores", scores_SL, k)
 
 
 def gather_tokens(x_SLC: torch.Tensor, idx_SK: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -158,13 +163,7 @@ def scatter_tokens(x_SLC: torch.Tensor, idx_SK: torch.Tensor, upd_SKC: torch.Ten
 
 def route_experts(logits_TN: torch.Tensor, k: int) -> torch.Tensor:
     """experts [T, k] int32, ascending ids of the k highest logits per token (ties to the lower id)."""
-    _need(logits_TN, "logits", torch.float32, 2)
-    T, N = logits_TN.shape
-    ex = torch.empty(T, k, dtype=torch.int32, device=logits_TN.device)
-    lib = load_library()
-    with torch.cuda.device(logits_TN.device):
-        _check(lib.actvarExpertRoute(_ptr(logits_TN), _ptr(ex), T, N, k, _stream(logits_TN)), "actvarExpertRoute")
-    return ex
+    return _topk_rows("actvarExpertRoute", "logits", logits_TN, k)
 
 
 def expert_ffn_workspace_size(T: int, C: int, hidden: int, num_experts: int, top_k: int,
