@@ -61,6 +61,7 @@ def main():
     validate   prove a bundle matches the PyTorch reference (teacher forcing + end to end)
     sample     generate images with the PyTorch reference, or with a bundle (--bundle)
     inspect    sizes, ActVAR settings, static top-k sizes and FLOPs of a checkpoint
+    engines    parse a bundle's graphs with TensorRT (plugins for --lowering plugin) and serialize engines
     """
 
 
@@ -345,6 +346,26 @@ def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_j
                f"VQVAE decoder {r['vae_decoder_tflop']:.3f} TFLOP")
     click.echo(f"ActVAR saving: {r['saving_percent']:.1f}% (paper: {f'{paper}%' if paper else 'n/a'}; "
                f"see docs/flops.md for the counting)")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
+@click.option("--graphs", default=None, help="Comma-separated graph names (default: all), e.g. 'step_0,step_9,decoder'.")
+def engines(bundle, graphs):
+    """Parse each graph of a bundle with TensorRT (`tensorrt` if installed, else TensorRT-RTX), check
+    that every ActVarTokenScatter / ActVarExpertFFN node became one of this package's plugin layers and
+    that inputs/outputs have the manifest's dtypes, build strongly typed serialized engines and write
+    <graph>.engine files + engines.json into the bundle (manifest.json is not modified). The engines
+    are built only: nothing here runs them."""
+    from .trt.engines import ENGINES_JSON, build_engines
+    t = time.time()
+    names = [g for g in graphs.split(",") if g.strip()] if graphs is not None else None
+    res = build_engines(bundle, names=names)
+    total = sum(g["bytes"] for g in res["graphs"].values())
+    plugins = sum(sum(g["plugin_layers"].values()) for g in res["graphs"].values())
+    click.echo(f"wrote {len(res['graphs'])} engine(s) + {ENGINES_JSON} into {bundle}: {total / 1e6:.1f} MB, "
+               f"{res['tensorrt']['module']} {res['tensorrt']['version']}, {res['lowering']} lowering, "
+               f"{plugins} plugin layer(s) ({time.time() - t:.1f}s); built only, not run")
 
 
 if __name__ == "__main__":
