@@ -10,10 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from actvar_export.bundle import Bundle, build_bundle
-from actvar_export.cli import main
 from actvar_export.errors import ActVarError
 
 FP16 = "fp16"
@@ -311,16 +309,7 @@ def test_child_env_aliases_the_unversioned_rtx_library(trt, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [l for l in r.output.strip().splitlines() if l.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+from .test_cli import assert_one_line_error, run  # noqa: E402  (the CLI helpers of the CLI tests)
 
 
 def test_cli_engines(bundles, tmp_path):
