@@ -97,7 +97,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             t = time.time()
             m = build_step(spec, si, batch, store, precision, lowering, top_k)
             onnx.save(m, tmp / step_file(si))
-            ins, outs = io_shapes(spec, si, batch, top_k)
+            ins, outs = io_shapes(spec, si, batch)
             graphs[f"step_{si}"] = {"file": step_file(si), "inputs": ins, "outputs": outs}
             timings[f"step_{si}"] = round(time.time() - t, 3)
             bar.set_postfix_str(f"{PATCH_NUMS[si]}x{PATCH_NUMS[si]} {timings[f'step_{si}']:.2f}s")

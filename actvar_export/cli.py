@@ -142,8 +142,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
                    progress=lambda si: (bar.set_postfix_str(f"{PATCH_NUMS[si]}x{PATCH_NUMS[si]}"), bar.update(1)))
     bar.close()
     click.echo(f"decoding {len(labels)} images with the VQVAE ...", err=True)
-    import torch as _t
-    with _t.no_grad():
+    with torch.no_grad():
         res.images_B3HW = v.fhat_to_img(res.f_hat).float()
     kind = f"ActVAR-d{ck.spec.var.depth}" if ck.spec.is_actvar else f"VAR-d{ck.spec.var.depth}"
     title = f"{kind} seed={seed} cfg={cfg} top_k={top_k} top_p={top_p} {sampler}" + (" [RANDOM WEIGHTS]" if random_note else "")

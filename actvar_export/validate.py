@@ -165,7 +165,7 @@ def compare_scale(si: int, got: Dict[str, np.ndarray], step: dict, tol: dict) ->
         if g.shape != e.shape:
             r.failures.append(f"scale {si} {name}: shape {g.shape} != reference {e.shape}")
             continue
-        eq = (g == e).all(axis=-1) if name == "sel_idx" else (g == e).all(axis=-1)
+        eq = (g == e).all(axis=-1)                        # per (block, row): the whole chosen set
         r.agreement[name] = float(eq.mean())
         if r.diverged:
             continue

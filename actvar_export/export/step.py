@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import (CVAE, NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after)
+from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after
 from .graph import CUSTOM_DOMAIN, F32, I32, I64, Graph
 
 LOWERINGS = ("portable", "plugin")
@@ -35,7 +35,7 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
     return A
 
 
-def io_shapes(spec: ModelSpec, si: int, batch: int, top_k: int):
+def io_shapes(spec: ModelSpec, si: int, batch: int):
     """{name: (dtype tag, shape)} of the step graph's inputs and outputs (used by the manifest)."""
     v = spec.var
     S, C, D, H, l = 2 * batch, v.width, v.depth, v.heads, SCALE_LENS[si]
@@ -287,7 +287,6 @@ class StepBuilder:
         if self.si != NUM_SCALES - 1:
             h = g.op("Resize", [h, "", "", g.i64(B, CVAE, 16, 16)], mode="cubic", cubic_coeff_a=-0.75,
                      coordinate_transformation_mode="half_pixel", exclude_outside=0)
-        from ..config import PHI_INDEX
         key = f"vae.quantize.quant_resi.qresi_ls.{PHI_INDEX[self.si]}"
         conv = g.op("Conv", [h, g.w(key + ".weight"), g.w(key + ".bias")], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
         phi = g.op("Add", [g.op("Mul", [h, g.scalar(0.5)]), g.op("Mul", [conv, g.scalar(0.5)])])
