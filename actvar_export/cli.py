@@ -118,7 +118,14 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     if (ckpt is None) == (bundle is None):
         raise ActVarError("give exactly one of --ckpt FILE (reference) or --bundle DIR (ONNX Runtime)")
     if bundle is not None:
-        return _sample_bundle(bundle, providers, classes, seed, cfg, top_p, out)
+        ctx = click.get_current_context()
+        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        if sampler != "noise" and given("sampler") or more_smooth:
+            raise ActVarError("a bundle implements the noise sampler only (drop --sampler official / --more-smooth)")
+        for name in ("vae", "precision", "device", "token_ratio", "expert_ratio", "active_scales"):
+            if given(name):
+                raise ActVarError(f"--{name.replace('_', '-')} applies to --ckpt only: a bundle fixes it at build time")
+        return _sample_bundle(bundle, providers, classes, seed, cfg, top_k if given("top_k") else None, top_p, out)
     import torch
     from tqdm import tqdm
     from .checkpoint import build_models, load_checkpoint
@@ -165,7 +172,7 @@ def _providers(text):
     return out
 
 
-def _sample_bundle(bundle, providers, classes, seed, cfg, top_p, out):
+def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -176,6 +183,9 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_p, out):
     from .runtime.ort_backend import OrtBackend
     from .sampling import noise_for
     b = Bundle.open(bundle, show_progress=True)
+    if top_k is not None and top_k != b.manifest["top_k"]:
+        raise ActVarError(f"the bundle was built with top-k {b.manifest['top_k']} (static in its graphs); "
+                          f"rebuild with --top-k {top_k}")
     labels = _ints(classes, "classes")
     if not labels or any(not 0 <= c < 1000 for c in labels):
         raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")

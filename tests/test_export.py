@@ -125,3 +125,12 @@ def test_bad_bundles_cli(bundle, actvar_ckpt, tmp_path):
     assert run("init-ckpt", "--depth", 2, "--seed", 9, "--out", other).exit_code == 0
     assert_one_line_error(run("validate", "--bundle", bundle.path, "--ckpt", other), "another checkpoint")
     assert_one_line_error(run("validate", "--bundle", tmp_path / "none", "--ckpt", other), "no such bundle")
+
+
+def test_sample_bundle_refuses_reference_only_options(bundle, tmp_path):
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False)
+    out = tmp_path / "g.png"
+    assert_one_line_error(run("sample", "--bundle", bundle.path, "--top-k", 50, "--out", out), "top-k 900")
+    assert_one_line_error(run("sample", "--bundle", bundle.path, "--sampler", "official", "--out", out), "noise sampler")
+    assert_one_line_error(run("sample", "--bundle", bundle.path, "--precision", "fp16", "--out", out), "--precision")
+    assert not out.exists()
