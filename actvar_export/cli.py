@@ -202,9 +202,9 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
     bar.close()
     m = b.manifest
     title = (f"bundle d{m['model']['depth']} {m['precision']} {m['lowering']} seed={seed} cfg={cfg} "
-             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.providers)}]")
+             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.provider_names)}]")
     save_grid(torch.cat(images), out, labels=[f"class {c}" for c in labels], title=title)
-    click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.providers)}), {time.time() - t:.1f}s")
+    click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.provider_names)}), {time.time() - t:.1f}s")
 
 
 @main.command()
@@ -268,7 +268,7 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
     rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
     bar.close()
-    click.echo(f"bundle {bundle} ({m['precision']}, {m['lowering']}, batch {b.batch}) on {', '.join(backend.providers)}")
+    click.echo(f"bundle {bundle} ({m['precision']}, {m['lowering']}, batch {b.batch}) on {', '.join(backend.provider_names)}")
     click.echo(rep.table())
     if json_out:
         json_out.write_text(json.dumps(rep.to_dict(), indent=1))

@@ -51,6 +51,8 @@ def main():
     t_build = time.time() - t0
     bundle = Bundle.open(bpath)
     providers = a.providers.split(",")
+    if a.precision == "fp32":   # true fp32 on the GPU: no TF32 in ONNX Runtime's CUDA matmuls/convolutions
+        providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
     backend = OrtBackend(bundle, providers)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False    # the reference stays true fp32 (no TF32)
@@ -88,7 +90,7 @@ def main():
     ref_ips = a.batch / float(np.median(rt))
 
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "onnxruntime": ort.__version__, "torch": torch.__version__,
-           "providers": backend.providers, "depth": a.depth, "batch": a.batch, "precision": a.precision,
+           "providers": backend.provider_names, "depth": a.depth, "batch": a.batch, "precision": a.precision,
            "lowering": a.lowering, "bundle_bytes": sum(f["bytes"] for f in bundle.manifest["files"].values()),
            "init_s": t_init, "build_s": t_build, "validate_s": t_val,
            "ort_seconds_per_batch": times, "ort_images_per_s": ort_ips,
@@ -100,7 +102,7 @@ def main():
     print(f"\n{'what':<44} {'value':>12}")
     print(f"{'device':<44} {res['device']:>12}")
     print(f"{'d%d %s %s batch %d bundle (MB)' % (a.depth, a.precision, a.lowering, a.batch):<44} {res['bundle_bytes'] / 1e6:>12.1f}")
-    print(f"{'ORT %s images/s (median of %d)' % (backend.providers[0].replace('ExecutionProvider', ''), a.iters):<44} {ort_ips:>12.2f}")
+    print(f"{'ORT %s images/s (median of %d)' % (backend.provider_names[0].replace('ExecutionProvider', ''), a.iters):<44} {ort_ips:>12.2f}")
     print(f"{'PyTorch reference %s autocast images/s' % a.precision:<44} {ref_ips:>12.2f}")
     print(f"{'token agreement end to end (%)':<44} {100 * rep.token_agreement:>12.3f}")
     print(f"{'image PSNR vs fp32 reference (dB)':<44} {rep.psnr_db:>12.1f}")

@@ -57,8 +57,9 @@ section_ort() {
         [ -d /tmp/parts ] || { echo "no /tmp/parts: carry .wheelparts first"; return 1; }
         cat /tmp/parts/part.* > "$whl" && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$whl" || return 1
     fi
-    PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_ort.py --depth 16 --batch 16 --precision fp16 --workdir "/tmp/ortbench_$$" \
-        --json "$OUT/bench_ort.json" 2>&1 | tee "$OUT/bench_ort.log" | tail -40
+    # ORT_BENCH_ARGS overrides the configuration (default: the d16 fp16 batch 16)
+    PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_ort.py ${ORT_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
+        --workdir "/tmp/ortbench_$$" --json "$OUT/bench_ort.json" 2>&1 | tee "$OUT/bench_ort.log" | tail -40
     return ${PIPESTATUS[0]}
 }
 

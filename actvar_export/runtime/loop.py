@@ -37,7 +37,7 @@ def run_bundle(backend, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: fl
 def run_bundle_device(backend, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: float, device_id: int = 0):
     """The same loop with I/O binding: caches, f_hat and next inputs stay on the GPU between scales
     (CUDA execution provider); only the ids and the image come back to the host."""
-    where = "cuda" if "CUDAExecutionProvider" in backend.providers else "cpu"
+    where = "cuda" if "CUDAExecutionProvider" in backend.provider_names else "cpu"
     prev, ids = None, []
     for si in range(NUM_SCALES):
         s = backend.session(f"step_{si}")

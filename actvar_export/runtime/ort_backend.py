@@ -25,8 +25,10 @@ class OrtBackend:
         import onnxruntime as ort
         self.ort = ort
         self.bundle = bundle
+        # a provider is a name or (name, options), as ONNX Runtime takes them
         self.providers = list(providers or default_providers())
-        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        self.provider_names = [p if isinstance(p, str) else p[0] for p in self.providers]
+        missing = [p for p in self.provider_names if p not in ort.get_available_providers()]
         if missing:
             raise ActVarError(f"ONNX Runtime here lacks {', '.join(missing)} (available: {', '.join(ort.get_available_providers())})")
         self._sessions: Dict[str, "ort.InferenceSession"] = {}
