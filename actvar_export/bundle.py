@@ -86,7 +86,6 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        t0 = time.time()
         store = WeightStore(ck.var_sd, ck.vae_sd, precision)
         with tqdm(total=store.total_bytes, unit="B", unit_scale=True, desc="weights", disable=not show_progress,
                   file=sys.stderr) as bar:

@@ -2,20 +2,17 @@
 and random-weight checkpoints in the official layout (`init-ckpt`)."""
 from __future__ import annotations
 
-import math
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn as nn
 
 from .config import ActVarConfig, ModelSpec, VarConfig
 from .errors import CheckpointError
+from .fsutil import atomic_write
 from .model import VAR
 from .vqvae import VQVAE
 
@@ -200,13 +197,4 @@ def build_models(ck: LoadedCheckpoint, device="cpu"):
 
 def save_atomic(obj, out: Path) -> None:
     """torch.save to a temporary file beside `out`, then rename: never a half-written file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda tmp: torch.save(obj, tmp))

@@ -271,7 +271,8 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     click.echo(f"bundle {bundle} ({m['precision']}, {m['lowering']}, batch {b.batch}) on {', '.join(backend.provider_names)}")
     click.echo(rep.table())
     if json_out:
-        json_out.write_text(json.dumps(rep.to_dict(), indent=1))
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, rep.to_dict())
     if grid and rep.images:
         from .images import save_grid
         ref, got = torch.from_numpy(rep.images["reference"]), torch.from_numpy(rep.images["bundle"])
@@ -312,7 +313,7 @@ def _device(device: str):
 def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_json):
     """Depth, width, parameters, ActVAR settings, static top-k sizes and analytic FLOPs per image
     per scale (with CFG) for dense VAR and ActVAR, with the saving against the paper's figure."""
-    from .config import PATCH_NUMS, ActVarConfig, ModelSpec, VarConfig
+    from .config import ActVarConfig, ModelSpec, VarConfig
     from .flops import report
     ov = _overrides(token_ratio, expert_ratio, active_scales)
     if (ckpt is None) == (depth is None):

@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .config import CVAE, NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, TOTAL_TOKENS
+from .config import CVAE, NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, TOTAL_TOKENS
 from .errors import ActVarError
 from .model import VAR, BlockAux, cfg_logits
 from .sampling import SAMPLERS, filter_top_k_top_p, gumbel_soft, multinomial, sample_noise

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .fsutil import atomic_write
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
@@ -34,14 +34,4 @@ def save_grid(images_B3HW: torch.Tensor, out: Path, labels: Optional[Sequence[st
         canvas.paste(Image.fromarray(imgs[i]), (x, y))
         if labels:
             draw.text((x + 2, y + H + 2), str(labels[i]), fill="black")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")

@@ -11,8 +11,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import CVAE, NUM_SCALES, SCALE_LENS, ActVarConfig, ModelSpec, VarConfig
 from .model import VAR

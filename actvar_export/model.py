@@ -7,7 +7,6 @@ the current scale, Lc cached tokens, H heads, c head dim, C width, V vocab.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -16,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .config import (CVAE, NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, TOTAL_TOKENS,
-                     ActVarConfig, ModelSpec)
+from .config import (NUM_SCALES, SCALE_BEGIN, SCALE_LENS, TOTAL_TOKENS, ActVarConfig, ModelSpec)
 
 KV = Tuple[torch.Tensor, torch.Tensor]  # (k_SHLc, v_SHLc)
 MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()

@@ -1,5 +1,4 @@
 """Per-scale ONNX export and the ONNX Runtime backend against the PyTorch reference (CPU, fp32)."""
-import json
 import shutil
 
 import numpy as np
@@ -13,7 +12,7 @@ from actvar_export import ops
 from actvar_export.bundle import Bundle, build_bundle
 from actvar_export.checkpoint import build_models, load_checkpoint
 from actvar_export.cli import main
-from actvar_export.errors import ActVarError, BundleError
+from actvar_export.errors import ActVarError
 from actvar_export.export.graph import F32, I64, Graph
 from actvar_export.export.step import area_matrix, topk_ascending
 from actvar_export.generate import SampleSettings

@@ -1,12 +1,11 @@
 """The reference ActVAR against dense VAR, and the tie / reconstruction / cache rules of design §2."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from actvar_export import ops
-from actvar_export.config import SCALE_LENS, ActVarConfig, ModelSpec, VarConfig
+from actvar_export.config import SCALE_LENS, ActVarConfig
 from actvar_export.generate import SampleSettings, generate, teacher_forced
 
 from .conftest import make_model
@@ -106,7 +105,6 @@ def test_reconstruction_and_cache_rule(vae):
     for si in range(10):
         xin = x if si == 0 else torch.randn(4, SCALE_LENS[si], m.C) * 0.1
         blk_in = xin
-        g = torch.Generator().manual_seed(si)
         out = m.step(si, xin, cond, caches)
         for b, kv in enumerate(out.kv):
             assert kv[0].shape[2] == act.k_t(si)

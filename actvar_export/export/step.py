@@ -12,7 +12,6 @@ I/O of the graph for scale si (S = 2B sequences, l = pn², Lc = cache length bef
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 
@@ -154,7 +153,7 @@ class StepBuilder:
         return g.model()
 
     def block(self, b, x, cond_silu, cache):
-        g, S, C, H = self.g, self.S, self.C, self.H
+        g, S, C = self.g, self.S, self.C
         pre = f"blocks.{b}"
         ada = self.to_f32(g.gemm(self.to_p(cond_silu), f"{pre}.ada_lin.1.weight", f"{pre}.ada_lin.1.bias"))  # (S, 6C)
         g1, g2, s1, s2, b1, b2 = [g.op("Unsqueeze", [g.slice(ada, [i * C], [(i + 1) * C], [1]), g.i64(1)])

@@ -1,7 +1,7 @@
 """The runtime loop over a bundle's step graphs: the only logic a deployment needs."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 

@@ -2,7 +2,6 @@
 and one `infer(graph, feed) -> dict` contract (Polygraphy style)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np

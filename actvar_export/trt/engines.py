@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from ..errors import ActVarError
+from ..fsutil import default_mode, write_json_atomic
 
 ENGINES_JSON = "engines.json"
 ENGINES_FORMAT = 1
@@ -55,27 +56,6 @@ def _sha256(path: Path) -> str:
         for b in iter(lambda: f.read(16 << 20), b""):
             h.update(b)
     return h.hexdigest()
-
-
-def _default_mode(path) -> None:
-    """mkstemp makes 0600 files: give the result the permissions a plain open() would (0666 & ~umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def not_runnable_reason(module: str) -> str:
@@ -258,7 +238,7 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
                 raise ActVarError(f"{n}: TensorRT produced an empty serialized engine")
             out["graphs"][n].update(file=engine_file(n), bytes=size, sha256=_sha256(tmp))
         for n, tmp in zip(todo, tmp_engines):
-            _default_mode(tmp)
+            default_mode(tmp)
             os.replace(tmp, b.path / engine_file(n))
         tmp_engines = []
         out["engines.json"] = str(_write_engines_json(b.path, m, info, lowering, out["graphs"]))
@@ -308,7 +288,7 @@ def _write_engines_json(path: Path, manifest: dict, info: dict, lowering: str, b
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     p = path / ENGINES_JSON
-    _write_json_atomic(p, doc)
+    write_json_atomic(p, doc)
     return p
 
 
