@@ -263,6 +263,8 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     ov = m["actvar"] and {k: m["actvar"][k] for k in ("token_ratio", "expert_ratio")} | {"active_scales": tuple(m["actvar"]["active_scales"])}
     model, v = build_models(load_checkpoint(ckpt, vae, ov or None))
     labels = _ints(classes, "classes") if classes else [i % 1000 for i in range(b.batch)]
+    if len(labels) != b.batch or any(not 0 <= c < 1000 for c in labels):
+        raise ActVarError(f"--classes: the bundle was built for batch {b.batch}: give {b.batch} ImageNet ids (0..999)")
     settings = SampleSettings(cfg=cfg, top_k=m["top_k"], top_p=top_p, sampler="noise")
     backend = OrtBackend(b, _providers(providers))
     bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
