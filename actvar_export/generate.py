@@ -55,9 +55,11 @@ def autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def generate(model: VAR, vae: VQVAE, label_B: torch.Tensor, settings: SampleSettings, seed: Optional[int] = None,
              u_BL: Optional[torch.Tensor] = None, precision: str = "fp32", decode: bool = True,
-             keep_logits: bool = False, progress: Optional[Callable[[int], None]] = None) -> Generation:
+             keep_logits: bool = False, progress: Optional[Callable[[int], None]] = None,
+             trace: Optional[Callable[[dict], None]] = None) -> Generation:
     """Generate B images. `official` draws from a torch.Generator seeded with `seed` on the model's
-    device (VAR's stream); `noise` needs u_BL (B, 680) uniforms."""
+    device (VAR's stream); `noise` needs u_BL (B, 680) uniforms. `trace`, if given, receives every
+    scale's inputs and outputs (validation records the reference from this very loop)."""
     dev = next(model.parameters()).device
     B = label_B.shape[0]
     rng = None
@@ -75,6 +77,7 @@ def generate(model: VAR, vae: VQVAE, label_B: torch.Tensor, settings: SampleSett
         f_hat = torch.zeros(B, CVAE, PATCH_NUMS[-1], PATCH_NUMS[-1], device=dev)
         for si, pn in enumerate(PATCH_NUMS):
             st = model.step(si, x, cond, caches)
+            x_in, caches_in, f_hat_in = x, caches, f_hat
             caches = model.extend_caches(caches, st.kv)
             logits = cfg_logits(st.logits_SlV, si, settings.cfg)
             if settings.sampler == "official":
@@ -98,6 +101,10 @@ def generate(model: VAR, vae: VQVAE, label_B: torch.Tensor, settings: SampleSett
                 out.logits.append(logits)
             if si != NUM_SCALES - 1:
                 x = model.scale_input(si + 1, vae.next_input(si, f_hat))
+            if trace:
+                trace({"si": si, "x_in": x_in, "caches_in": caches_in, "f_hat_in": f_hat_in, "step": st,
+                       "logits": logits, "idx": idx, "f_hat_out": f_hat, "caches_out": caches,
+                       "x_next": x if si != NUM_SCALES - 1 else None})
             if progress:
                 progress(si)
     out.f_hat = f_hat

@@ -16,10 +16,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .config import NUM_SCALES, PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, TOTAL_TOKENS
+from .config import PATCH_NUMS, SCALE_BEGIN, SCALE_LENS, TOTAL_TOKENS
 from .errors import ActVarError
 from .generate import SampleSettings, generate
-from .model import VAR, cfg_logits
+from .model import VAR
 from .sampling import filter_top_k_top_p
 from .vqvae import VQVAE
 
@@ -51,43 +51,33 @@ def _gap_at(sorted_desc: torch.Tensor, k: int) -> torch.Tensor:  # noqa: D401
     return sorted_desc[..., k - 1] - sorted_desc[..., k]
 
 
-@torch.no_grad()
-def reference_steps(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tensor, s: SampleSettings) -> List[dict]:
-    """The reference's inputs, outputs and decision margins for every scale, in the graphs' I/O names."""
-    dev = next(model.parameters()).device
-    labels, u = labels.to(dev), u.to(dev)
-    B = labels.shape[0]
-    x, cond = model.first_input(labels)
-    caches = [None] * model.depth
-    f_hat = torch.zeros(B, 32, 16, 16, device=dev)
-    steps = []
+def reference_steps(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tensor, s: SampleSettings,
+                    decode: bool = True):
+    """One reference generation (the `generate` loop itself, traced): every scale's inputs, outputs and
+    decision margins in the graphs' I/O names, and the Generation with its decoded images."""
     np_ = lambda t: t.detach().cpu().numpy()
-    for si in range(NUM_SCALES):
-        a, l = SCALE_BEGIN[si], SCALE_LENS[si]
-        ins = {"labels": np_(labels), "u": np_(u[:, a:a + l]), "cfg": np.array([s.cfg], np.float32),
+    steps = []
+
+    def record(t: dict):
+        si, a, l = t["si"], SCALE_BEGIN[t["si"]], SCALE_LENS[t["si"]]
+        lc, idx, st = t["logits"], t["idx"], t["step"]
+        u_l = u[:, a:a + l].to(lc.device)
+        ins = {"labels": np_(labels), "u": np_(u_l), "cfg": np.array([s.cfg], np.float32),
                "top_p": np.array([s.top_p], np.float32)}
         if si:
-            ins.update({"x_in": np_(x), "kv_in": np_(_pack_kv(caches)), "f_hat_in": np_(f_hat)})
-        st = model.step(si, x, cond, caches)
-        caches = model.extend_caches(caches, st.kv)
-        lc = cfg_logits(st.logits_SlV, si, s.cfg)
-        filt = filter_top_k_top_p(lc, s.top_k, s.top_p)
-        probs = filt.softmax(-1)
-        cdf = probs.cumsum(-1)
-        target = u[:, a:a + l] * cdf[..., -1]
-        idx = (cdf <= target.unsqueeze(-1)).sum(-1).clamp_max(lc.shape[-1] - 1)
-        # sampler margin: distance of u to the chosen id's CDF interval ends, and to the top-k / top-p cuts
+            ins.update({"x_in": np_(t["x_in"]), "kv_in": np_(_pack_kv(t["caches_in"])), "f_hat_in": np_(t["f_hat_in"])})
+        # sampler margin: distance of u to the chosen id's CDF interval ends, and to the top-k cut
+        cdf = filter_top_k_top_p(lc, s.top_k, s.top_p).softmax(-1).cumsum(-1)
+        target = u_l * cdf[..., -1]
         hi = cdf.gather(-1, idx.unsqueeze(-1))[..., 0]
         lo = torch.where(idx > 0, cdf.gather(-1, (idx - 1).clamp_min(0).unsqueeze(-1))[..., 0], torch.zeros_like(hi))
         m_cdf = torch.minimum(hi - target, target - lo)
-        srt = lc.sort(-1, descending=True).values
-        m_k = _gap_at(srt, s.top_k).to(hi.device) if s.top_k else torch.full_like(hi, math.inf)
-        f_hat = vae.fhat_update(si, f_hat, idx)
-        outs = {"idx": np_(idx), "logits": np_(lc), "f_hat_out": np_(f_hat), "kv_out": np_(_pack_kv(caches))}
+        m_k = (_gap_at(lc.sort(-1, descending=True).values.cpu(), s.top_k).to(hi.device) if s.top_k
+               else torch.full_like(hi, math.inf))
+        outs = {"idx": np_(idx), "logits": np_(lc), "f_hat_out": np_(t["f_hat_out"]), "kv_out": np_(_pack_kv(t["caches_out"]))}
         margins = {"idx": np_(torch.minimum(m_cdf, m_k))}
-        if si < NUM_SCALES - 1:
-            x = model.scale_input(si + 1, vae.next_input(si, f_hat))
-            outs["x_next"] = np_(x)
+        if t["x_next"] is not None:
+            outs["x_next"] = np_(t["x_next"])
         k_t, k_w = model.sizes(si)
         if k_t is not None:
             outs["sel_idx"] = np_(torch.stack([ax.idx_SK for ax in st.aux]))
@@ -97,7 +87,9 @@ def reference_steps(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tenso
             margins["experts"] = np_(torch.stack([_gap_at(ax.router_SKN.sort(-1, descending=True).values.cpu(), k_w)
                                                   for ax in st.aux]))
         steps.append({"inputs": ins, "outputs": outs, "margins": margins})
-    return steps
+
+    gen = generate(model, vae, labels, s, u_BL=u, decode=decode, trace=record)
+    return steps, gen
 
 
 @dataclass
@@ -218,7 +210,7 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
     lab = torch.tensor(labels)
     u = noise_for(B, seed, TOTAL_TOKENS)
     tol = TOLERANCES[precision]
-    steps = reference_steps(model, vae, lab, u, settings)
+    steps, ref = reference_steps(model, vae, lab, u, settings, decode=end_to_end)
     results = []
     for si, step in enumerate(steps):
         got = backend.infer(f"step_{si}", step["inputs"])
@@ -228,7 +220,6 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
     rep = Report(precision=precision, tolerances=tol, scales=results)
     if end_to_end:
         images, ids, _, _ = run_bundle(backend, lab.numpy(), u.numpy(), settings.cfg, settings.top_p)
-        ref = generate(model, vae, lab, settings, u_BL=u)
         per = [float((a == r.cpu().numpy()).mean()) for a, r in zip(ids, ref.idx)]
         rep.per_scale_token_agreement = per
         rep.token_agreement = float(sum(p * n for p, n in zip(per, SCALE_LENS)) / TOTAL_TOKENS)
