@@ -101,27 +101,28 @@ class LoadedCheckpoint:
     var_sd: Dict[str, torch.Tensor]
     vae_sd: Optional[Dict[str, torch.Tensor]]
     path: Path
+    info: Optional[str] = None        # the wrapper's "info" note (init-ckpt marks random weights there)
 
 
 def _as_state_dict(obj, path: Path):
-    """Unwrap the known containers; returns (state_dict, actvar settings or None, vae sd or None)."""
+    """Unwrap the known containers; returns (state_dict, actvar settings or None, vae sd or None, info note or None)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    settings, vae = None, None
+    settings, vae, info = None, None, None
     if "trainer" in obj:
         tr = obj["trainer"]
         if not isinstance(tr, dict) or "var_wo_ddp" not in tr:
             raise CheckpointError(f"{path}: training checkpoint without ['trainer']['var_wo_ddp']")
         obj = tr["var_wo_ddp"]
     elif "model" in obj and isinstance(obj["model"], dict):
-        settings, vae = obj.get("actvar"), obj.get("vae")
+        settings, vae, info = obj.get("actvar"), obj.get("vae"), obj.get("info")
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: no state dict found")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entry {bad[0]!r} is not a tensor: not a model state dict")
-    return obj, settings, vae
+    return obj, settings, vae, (info if isinstance(info, str) else None)
 
 
 def infer_spec(sd: Dict[str, torch.Tensor], settings: Optional[dict], path: Path,
@@ -160,7 +161,7 @@ def infer_spec(sd: Dict[str, torch.Tensor], settings: Optional[dict], path: Path
 
 def load_checkpoint(path, vae_path=None, overrides: Optional[dict] = None) -> LoadedCheckpoint:
     path = Path(path)
-    sd, settings, vae_sd = _as_state_dict(_torch_load(path), path)
+    sd, settings, vae_sd, info = _as_state_dict(_torch_load(path), path)
     spec = infer_spec(sd, settings, path, overrides)
     check_state_dict(sd, expected_shapes(spec), str(path))
     if vae_path is not None:
@@ -176,7 +177,7 @@ def load_checkpoint(path, vae_path=None, overrides: Optional[dict] = None) -> Lo
         where = f"{path} ['vae']"
     if vae_sd is not None:
         check_state_dict(vae_sd, vae_expected_shapes(), where)
-    return LoadedCheckpoint(spec=spec, var_sd=sd, vae_sd=vae_sd, path=path)
+    return LoadedCheckpoint(spec=spec, var_sd=sd, vae_sd=vae_sd, path=path, info=info)
 
 
 def build_models(ck: LoadedCheckpoint, device="cpu"):

@@ -139,7 +139,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
     dev = _device(device)
     ck = load_checkpoint(ckpt, vae, _overrides(token_ratio, expert_ratio, active_scales))
-    random_note = "info" in _peek_info(ckpt)
+    random_note = ck.info is not None
     model, v = build_models(ck, dev)
     label_B = torch.tensor(labels, device=dev)
     u = noise_for(len(labels), seed, TOTAL_TOKENS) if sampler == "noise" else None
@@ -289,15 +289,6 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     click.echo("all checks passed")
 
 
-def _peek_info(path):
-    import torch
-    try:
-        obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-        return {"info": obj["info"]} if isinstance(obj, dict) and "info" in obj else {}
-    except Exception:
-        return {}
-
-
 def _device(device: str):
     import torch
     dev = torch.device(device)
@@ -326,7 +317,7 @@ def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_j
         spec = ck.spec
         n_params = sum(v.numel() for k, v in ck.var_sd.items() if k not in ("lvl_1L", "attn_bias_for_masking")
                        and not k.endswith("zero_k_bias"))
-        random_w = "info" in _peek_info(ckpt)
+        random_w = ck.info is not None
     else:
         act = ActVarConfig.from_dict({"num_experts": experts, **{k: v for k, v in ov.items() if v is not None}})
         spec = ModelSpec(VarConfig(depth), act)
