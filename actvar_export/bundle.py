@@ -89,7 +89,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
         store = WeightStore(ck.var_sd, ck.vae_sd, precision)
         with tqdm(total=store.total_bytes, unit="B", unit_scale=True, desc="weights", disable=not show_progress,
                   file=sys.stderr) as bar:
-            store.write(tmp / WEIGHTS_FILE, progress=bar.update)
+            weights_sha = store.write(tmp / WEIGHTS_FILE, progress=bar.update)
         graphs, timings = {}, {}
         bar = tqdm(total=NUM_SCALES + 1, desc="graphs", unit="graph", disable=not show_progress, file=sys.stderr)
         for si in range(NUM_SCALES):
@@ -112,10 +112,11 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             onnx.checker.check_model(str(tmp / gi["file"]), full_check=True)
         act = spec.actvar
         files = {}
-        with tqdm(total=sum(p.stat().st_size for p in tmp.iterdir()) + Path(ckpt).stat().st_size, unit="B",
-                  unit_scale=True, desc="checksums",
-                  disable=not show_progress, file=sys.stderr) as hbar:
-            for p in sorted(tmp.iterdir()):
+        to_hash = [p for p in sorted(tmp.iterdir()) if p.name != WEIGHTS_FILE]   # weights.bin hashed while written
+        files[WEIGHTS_FILE] = {"sha256": weights_sha, "bytes": (tmp / WEIGHTS_FILE).stat().st_size}
+        with tqdm(total=sum(p.stat().st_size for p in to_hash) + Path(ckpt).stat().st_size, unit="B",
+                  unit_scale=True, desc="checksums", disable=not show_progress, file=sys.stderr) as hbar:
+            for p in to_hash:
                 files[p.name] = {"sha256": sha256_file(p, hbar.update), "bytes": p.stat().st_size}
             ck_hash = {"file": str(Path(ckpt).resolve()), "sha256": sha256_file(Path(ckpt), hbar.update),
                        "bytes": Path(ckpt).stat().st_size}

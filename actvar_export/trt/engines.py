@@ -21,7 +21,6 @@ The parsing and building run in one child process (`python -m actvar_export.trt.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from ..errors import ActVarError
+from ..bundle import sha256_file
 from ..fsutil import default_mode, write_json_atomic
 
 ENGINES_JSON = "engines.json"
@@ -48,14 +48,6 @@ _PRECISION = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16"}
 
 def engine_file(name: str) -> str:
     return f"{name}.engine"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(16 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def not_runnable_reason(module: str) -> str:
@@ -236,7 +228,7 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
             size = tmp.stat().st_size
             if size == 0:
                 raise ActVarError(f"{n}: TensorRT produced an empty serialized engine")
-            out["graphs"][n].update(file=engine_file(n), bytes=size, sha256=_sha256(tmp))
+            out["graphs"][n].update(file=engine_file(n), bytes=size, sha256=sha256_file(tmp))
         for n, tmp in zip(todo, tmp_engines):
             default_mode(tmp)
             os.replace(tmp, b.path / engine_file(n))
@@ -254,7 +246,7 @@ def _write_engines_json(path: Path, manifest: dict, info: dict, lowering: str, b
     and the same manifest (a run for some graphs keeps the others)."""
     from ..bundle import MANIFEST
     from .plugins import PLUGIN_NAMES, PLUGIN_VERSION
-    mani_sha = _sha256(path / MANIFEST)
+    mani_sha = sha256_file(path / MANIFEST)
     entries = {}
     old_path = path / ENGINES_JSON
     if old_path.exists():
