@@ -9,20 +9,13 @@ class DecoderBuilder:
     def __init__(self, batch: int, store, precision: str):
         self.B = batch
         self.g = Graph("vqvae_decoder", store, precision)
-        self.P = self.g.P
-
-    def p(self, x):
-        return self.g.cast(x, self.P, F32)
-
-    def f(self, x):
-        return self.g.cast(x, F32, self.P)
 
     def conv(self, x_f32, key, k=3):
         g = self.g
         pad = k // 2
-        y = g.op("Conv", [self.p(x_f32), g.w(f"vae.{key}.weight"), g.w(f"vae.{key}.bias")],
+        y = g.op("Conv", [self.g.to_p(x_f32), g.w(f"vae.{key}.weight"), g.w(f"vae.{key}.bias")],
                  kernel_shape=[k, k], pads=[pad] * 4)
-        return self.f(y)
+        return self.g.to_f32(y)
 
     def group_norm(self, x, key, C, HW):
         """GroupNorm(32, eps 1e-6): InstanceNormalization over each group's (C/32)·H·W values, then
@@ -31,8 +24,8 @@ class DecoderBuilder:
         ones, zeros = g.ones_zeros(32)
         y = g.op("InstanceNormalization", [g.reshape(x, self.B, 32, (C // 32) * HW), ones, zeros], epsilon=1e-6)
         y = g.reshape(y, self.B, C, HW)
-        scale = g.op("Unsqueeze", [self.f(g.w(f"vae.{key}.weight")), g.i64(1)])
-        shift = g.op("Unsqueeze", [self.f(g.w(f"vae.{key}.bias")), g.i64(1)])
+        scale = g.op("Unsqueeze", [self.g.to_f32(g.w(f"vae.{key}.weight")), g.i64(1)])
+        shift = g.op("Unsqueeze", [self.g.to_f32(g.w(f"vae.{key}.bias")), g.i64(1)])
         return g.op("Add", [g.op("Mul", [y, scale]), shift])
 
     def resnet(self, x, key, cin, cout, side):
@@ -50,10 +43,10 @@ class DecoderBuilder:
         h = g.reshape(self.group_norm(g.reshape(x, B, C, HW), f"{key}.norm", C, HW), B, C, side, side)
         qkv = g.reshape(self.conv(h, f"{key}.qkv", k=1), B, 3, C, HW)
         q, k, v = [g.reshape(g.slice(qkv, [i], [i + 1], [1]), B, C, HW) for i in range(3)]
-        w = g.op("MatMul", [g.op("Transpose", [self.p(q)], perm=[0, 2, 1]), self.p(k)])     # B, HWq, HWk
-        w = g.op("Softmax", [g.op("Mul", [self.f(w), g.scalar(C ** -0.5)])], axis=-1)
-        o = g.op("MatMul", [self.p(v), g.op("Transpose", [self.p(w)], perm=[0, 2, 1])])    # B, C, HWq
-        o = g.reshape(self.f(o), B, C, side, side)
+        w = g.op("MatMul", [g.op("Transpose", [self.g.to_p(q)], perm=[0, 2, 1]), self.g.to_p(k)])     # B, HWq, HWk
+        w = g.op("Softmax", [g.op("Mul", [self.g.to_f32(w), g.scalar(C ** -0.5)])], axis=-1)
+        o = g.op("MatMul", [self.g.to_p(v), g.op("Transpose", [self.g.to_p(w)], perm=[0, 2, 1])])    # B, C, HWq
+        o = g.reshape(self.g.to_f32(o), B, C, side, side)
         return g.op("Add", [x, self.conv(o, f"{key}.proj_out", k=1)])
 
     def build(self):

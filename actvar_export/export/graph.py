@@ -81,6 +81,14 @@ class Graph:
             return x
         return self.op("Cast", [x], to=to)
 
+    def to_p(self, x: str) -> str:
+        """fp32 activation -> the graph's precision (no node when that is fp32)."""
+        return self.cast(x, self.P, F32)
+
+    def to_f32(self, x: str) -> str:
+        """graph-precision activation -> fp32 (no node when that is fp32)."""
+        return self.cast(x, F32, self.P)
+
     def gemm(self, x2d: str, w_key: str, b_key: Optional[str] = None) -> str:
         """x · Wᵀ (+ b) with W in PyTorch Linear layout (out, in): one copy of each weight."""
         ins = [x2d, self.w(w_key)] + ([self.w(b_key)] if b_key else [])
@@ -88,9 +96,7 @@ class Graph:
 
     def linear(self, x: str, lead: Sequence[int], cin: int, cout: int, w_key: str, b_key: Optional[str] = None) -> str:
         """Linear on an N-d tensor: reshape to 2-D, Gemm, reshape back to lead + (cout,)."""
-        x2 = self.op("Reshape", [x, self.i64(-1, cin)])
-        y = self.gemm(x2, w_key, b_key)
-        return self.op("Reshape", [y, self.i64(*lead, cout)])
+        return self.reshape(self.gemm(self.reshape(x, -1, cin), w_key, b_key), *lead, cout)
 
     def reshape(self, x, *shape):
         return self.op("Reshape", [x, self.i64(*shape)])

@@ -81,17 +81,11 @@ class StepBuilder:
         self.Lc0 = cache_len_after(act, si - 1) if si else 0
 
     # ---------- small helpers ----------
-    def to_p(self, x):
-        return self.g.cast(x, self.P, F32)
-
-    def to_f32(self, x):
-        return self.g.cast(x, F32, self.P)
-
     def linear(self, x_f32, lead, cin, cout, key, bias=True):
         """fp32 activations in, Gemm in the graph precision, fp32 out."""
         g = self.g
-        y = g.linear(self.to_p(x_f32), lead, cin, cout, key + ".weight", key + ".bias" if bias else None)
-        return self.to_f32(y)
+        y = g.linear(self.g.to_p(x_f32), lead, cin, cout, key + ".weight", key + ".bias" if bias else None)
+        return self.g.to_f32(y)
 
     def lvl_pos(self, si):
         g, a, n = self.g, SCALE_BEGIN[si], SCALE_LENS[si]
@@ -155,7 +149,7 @@ class StepBuilder:
     def block(self, b, x, cond_silu, cache):
         g, S, C = self.g, self.S, self.C
         pre = f"blocks.{b}"
-        ada = self.to_f32(g.gemm(self.to_p(cond_silu), f"{pre}.ada_lin.1.weight", f"{pre}.ada_lin.1.bias"))  # (S, 6C)
+        ada = self.g.to_f32(g.gemm(self.g.to_p(cond_silu), f"{pre}.ada_lin.1.weight", f"{pre}.ada_lin.1.bias"))  # (S, 6C)
         g1, g2, s1, s2, b1, b2 = [g.op("Unsqueeze", [g.slice(ada, [i * C], [(i + 1) * C], [1]), g.i64(1)])
                                   for i in range(6)]
         aux = None
@@ -193,18 +187,18 @@ class StepBuilder:
         pre = f"blocks.{b}.attn"
         zero = g.const(np.zeros(C, np.float32), hint="zk")
         bias = g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero, g.cast(g.w(f"{pre}.v_bias"), F32, self.P)], axis=0)
-        qkv = g.op("Gemm", [g.reshape(self.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), self.to_p(bias)], transB=1)
+        qkv = g.op("Gemm", [g.reshape(self.g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), self.g.to_p(bias)], transB=1)
         qkv = g.op("Transpose", [g.reshape(qkv, S, n, 3, H, 64)], perm=[2, 0, 3, 1, 4])    # 3 S H n c
         q, k, v = [g.reshape(g.slice(qkv, [i], [i + 1], [0]), S, H, n, 64) for i in range(3)]
-        q, k = self._l2norm(self.to_f32(q)), self._l2norm(self.to_f32(k))
+        q, k = self._l2norm(self.g.to_f32(q)), self._l2norm(self.g.to_f32(k))
         scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])
-        q, k = self.to_p(g.op("Mul", [q, scale])), self.to_p(k)
+        q, k = self.g.to_p(g.op("Mul", [q, scale])), self.g.to_p(k)
         k_all = k if cache is None else g.op("Concat", [cache[0], k], axis=2)
         v_all = v if cache is None else g.op("Concat", [cache[1], v], axis=2)
         att = g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
-        att = self.to_p(g.op("Softmax", [self.to_f32(att)], axis=-1))
+        att = self.g.to_p(g.op("Softmax", [self.g.to_f32(att)], axis=-1))
         o = g.op("Transpose", [g.op("MatMul", [att, v_all])], perm=[0, 2, 1, 3])        # S n H c
-        out = self.to_f32(g.gemm(g.reshape(o, -1, C), f"{pre}.proj.weight", f"{pre}.proj.bias"))
+        out = self.g.to_f32(g.gemm(g.reshape(o, -1, C), f"{pre}.proj.weight", f"{pre}.proj.bias"))
         return g.reshape(out, S, n, C), (k_all, v_all)
 
     def _l2norm(self, x):
@@ -214,20 +208,20 @@ class StepBuilder:
 
     def _fc1_gelu(self, b, h2_f32):
         g = self.g
-        a = g.gemm(g.reshape(self.to_p(h2_f32), -1, self.C), f"blocks.{b}.ffn.fc1.weight", f"blocks.{b}.ffn.fc1.bias")
-        return self.to_p(g.gelu_tanh(self.to_f32(a), F32))
+        a = g.gemm(g.reshape(self.g.to_p(h2_f32), -1, self.C), f"blocks.{b}.ffn.fc1.weight", f"blocks.{b}.ffn.fc1.bias")
+        return self.g.to_p(g.gelu_tanh(self.g.to_f32(a), F32))
 
     def ffn(self, b, h2, n):
         g = self.g
         out = g.gemm(self._fc1_gelu(b, h2), f"blocks.{b}.ffn.fc2.weight", f"blocks.{b}.ffn.fc2.bias")
-        return g.reshape(self.to_f32(out), self.S, n, self.C)
+        return g.reshape(self.g.to_f32(out), self.S, n, self.C)
 
     def experts(self, b, h2, n):
         g, C, N, kw = self.g, self.C, self.N, self.k_w
         T = self.S * n
         pre = f"blocks.{b}.ffn"
-        h2p = g.reshape(self.to_p(h2), T, C)
-        router = self.to_f32(g.gemm(h2p, f"{pre}.router.weight", f"{pre}.router.bias"))    # (T, N)
+        h2p = g.reshape(self.g.to_p(h2), T, C)
+        router = self.g.to_f32(g.gemm(h2p, f"{pre}.router.weight", f"{pre}.router.bias"))    # (T, N)
         if self.lowering == "plugin":
             out, e32 = g.op(EXPERT_FFN_OP, [h2p, router, g.w(f"{pre}.fc1.weight"), g.w(f"{pre}.fc1.bias"),
                                             g.w(f"{pre}.fc2.weight"), g.w(f"{pre}.fc2.bias")], n_out=2,
@@ -240,14 +234,14 @@ class StepBuilder:
             mask = g.op("ScatterElements", [zeros, experts, ones], axis=1)            # (T, N)
             d_e = 4 * C // N
             mask_h = g.reshape(g.op("Expand", [g.op("Unsqueeze", [mask, g.i64(-1)]), g.i64(T, N, d_e)]), T, 4 * C)
-            act = g.op("Mul", [self._fc1_gelu(b, h2), self.to_p(mask_h)])
+            act = g.op("Mul", [self._fc1_gelu(b, h2), self.g.to_p(mask_h)])
             out = g.gemm(act, f"{pre}.fc2.weight", f"{pre}.fc2.bias")
-        return (g.reshape(self.to_f32(out), self.S, n, C),
+        return (g.reshape(self.g.to_f32(out), self.S, n, C),
                 g.reshape(experts, self.S, n, kw))
 
     def head(self, x, cond_silu):
         g, S, C, l, B = self.g, self.S, self.C, self.l, self.B
-        ada = self.to_f32(g.gemm(self.to_p(cond_silu), "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias"))
+        ada = self.g.to_f32(g.gemm(self.g.to_p(cond_silu), "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias"))
         scale = g.op("Unsqueeze", [g.slice(ada, [0], [C], [1]), g.i64(1)])
         shift = g.op("Unsqueeze", [g.slice(ada, [C], [2 * C], [1]), g.i64(1)])
         hn = g.op("Add", [g.op("Mul", [g.layer_norm(x, C), g.op("Add", [scale, g.scalar(1.0)])]), shift])
