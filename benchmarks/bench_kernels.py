@@ -219,6 +219,7 @@ def main():
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
     ap.add_argument("--only", choices=["tokens", "experts", "none"], default=None)
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of the expert FFN")
+    ap.add_argument("--seqs", type=int, nargs="+", default=SEQS, help="sequence counts of the expert benchmark")
     ap.add_argument("--single", nargs=2, type=int, metavar=("C", "T"),
                     help="only run the expert FFN a few times at this shape (for ncu / compute-sanitizer)")
     args = ap.parse_args()
@@ -243,7 +244,7 @@ def main():
     if args.only in (None, "tokens"):
         res["tokens"] = bench_tokens(ceil)
     if args.only in (None, "experts"):
-        res["experts"] = bench_experts(ceil)
+        res["experts"] = bench_experts(ceil, seqs=args.seqs)
     if args.profile:
         res["expert_profile"] = profile_experts()
     res["wall_s"] = time.time() - t0

@@ -246,3 +246,17 @@ def test_invalid_arguments(dev, K):
     with pytest.raises(K.KernelError):
         K.select_tokens(torch.randn(2, 5, device=dev), 6)    # k > L
     assert K.expert_ffn_workspace_size(0, 64, 256, 16, 12, torch.float16) == 0
+
+
+@pytest.mark.parametrize("max_t", ["0", "1000000"])
+def test_expert_ffn_both_paths(dev, max_t):
+    """The small-T masked-dense path (Hopper, T <= ACTVAR_MASKED_DENSE_MAX_T) and the routed path must both
+    meet the reference on every expert shape: rerun the expert tests with each path forced (the threshold is
+    read once per process, hence a child process)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["ACTVAR_MASKED_DENSE_MAX_T"] = max_t
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", __file__,
+                        "-k", "expert_ffn and not both_paths"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -20,6 +20,8 @@ struct GemmArgs {
     const int32_t* counts;      // nullptr: M rows per group
     int kSplit;                 // > 1: split K over blockIdx.z, write fp32 partials (sm_90a path, no groups)
     float* partial;             // [kSplit, M, N] fp32 when kSplit > 1
+    const unsigned long long* rowMask;  // sm_90a path only, optional: D[m, n] = 0 unless bit n / maskCols of
+    int maskCols;                       // rowMask[m] is set (masked-dense fc1: experts own maskCols hidden units)
     int numGroups;              // set by the sm_90a launcher
     int mTiles;                 // set by the sm_90a launcher
 };

@@ -57,9 +57,13 @@ template <> struct Pack<__nv_bfloat16> {
 template <typename T, int BN>
 __device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) {
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-        if constexpr (BN == 256) wgmmaM64N256K16Bf16(acc, da, db); else wgmmaM64N128K16Bf16(acc, da, db);
+        if constexpr (BN == 256) wgmmaM64N256K16Bf16(acc, da, db);
+        else if constexpr (BN == 128) wgmmaM64N128K16Bf16(acc, da, db);
+        else wgmmaM64N64K16Bf16(acc, da, db);
     } else {
-        if constexpr (BN == 256) wgmmaM64N256K16F16(acc, da, db); else wgmmaM64N128K16F16(acc, da, db);
+        if constexpr (BN == 256) wgmmaM64N256K16F16(acc, da, db);
+        else if constexpr (BN == 128) wgmmaM64N128K16F16(acc, da, db);
+        else wgmmaM64N64K16F16(acc, da, db);
     }
 }
 
@@ -174,6 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
         if (m >= M) continue;
         const int64_t dr = rowIdx ? rowIdx[m] : m;
         T* drow = D + dr * p.ldd;
+        const unsigned long long keep = p.rowMask ? p.rowMask[dr] : ~0ull;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
             const int n = n0 + 8 * j + 2 * (lane & 3);
@@ -181,6 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
             float v0 = acc[4 * j + 2 * h] + Cvt<T>::toF(bias[n]);
             float v1 = acc[4 * j + 2 * h + 1] + Cvt<T>::toF(bias[n + 1]);
             if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
+            if (p.rowMask && !((keep >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }  // n, n+1: one expert
             *reinterpret_cast<uint32_t*>(drow + n) = Pack<T>::pair(v0, v1);
         }
     }
@@ -206,22 +212,32 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     const bool ok = p.K % kBK == 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.N % 2 == 0 && p.groupN % 2 == 0 &&
                     (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 &&
                     p.ldd % 2 == 0 && ((int64_t)p.groupN * p.ldb) % 8 == 0 && p.K > 0 &&
-                    (p.kSplit <= 1 || (groups == 1 && !p.rowIdx && !p.counts && p.partial && !GELU));
+                    (p.kSplit <= 1 || (groups == 1 && !p.rowIdx && !p.counts && p.partial && !GELU)) &&
+                    (!p.rowMask || (p.maskCols % 2 == 0 && p.kSplit <= 1));
     if (!ok) return cudaErrorNotSupported;
     const int64_t tiles256 = (int64_t)groups * ((maxM + kBM - 1) / kBM) * ((p.N + 255) / 256);
     // tile config: ACTVAR_FC1_CFG / ACTVAR_FC2_CFG (GELU = fc1) = 0 auto, 1: 128x256 4 stages,
     // 2: 128x128 4 stages, 3: 128x128 3 stages (two CTAs per SM), 4: as 3 with prefetch distance 2 and
-    // no wgmma group kept in flight -- for measurements
+    // no wgmma group kept in flight, 8: 128x128 6 stages, 9: 128x64 4 stages, 10: 128x64 8 stages -- for measurements
     static const int cfgEnv[2] = {[] { const char* v = std::getenv("ACTVAR_FC2_CFG"); return v ? std::atoi(v) : 0; }(),
                                   [] { const char* v = std::getenv("ACTVAR_FC1_CFG"); return v ? std::atoi(v) : 0; }()};
     int cfg = cfgEnv[GELU ? 1 : 0];
     if (p.kSplit > 1 && cfg == 1) cfg = 2;
+    // Grids smaller than the GPU are latency-bound (each k-step waits for its loads): more CTAs and deeper
+    // prefetch. 8: 128x128, 6 stages (prefetch 4) for split-K; 9: 128x64, 4 stages, two CTAs per SM, for fc1;
+    // 10: 128x64, 8 stages (prefetch 6) when those tiles fit in one wave of one CTA per SM.
+    const int64_t tiles128 = (int64_t)groups * ((maxM + kBM - 1) / kBM) * ((p.N + 127) / 128) * std::max(p.kSplit, 1);
+    if (cfg == 0 && p.kSplit > 1) cfg = 8;
+    if (cfg == 0 && GELU && tiles128 < numSms) cfg = 2 * tiles128 <= numSms ? 10 : 9;   // 10: one wave of 1 CTA/SM
     if (cfg == 0 && GELU) cfg = 4;  // fc1 (short K = C): two CTAs per SM overlap one's epilogue with the other's MMAs
     if (cfg == 0) {
         // BN = 256 when it fills the chip and does not waste more than an eighth of the columns
         const int n256 = (p.N + 255) / 256 * 256, n128 = (p.N + 127) / 128 * 128;
         cfg = (p.kSplit <= 1 && tiles256 >= numSms && n256 * 8 <= n128 * 9) ? 1 : 2;
     }
+    if (cfg == 8) return launchBn<T, 128, 6, GELU>(p, groups, maxM, stream);
+    if (cfg == 9) return launchBn<T, 64, 4, GELU>(p, groups, maxM, stream);
+    if (cfg == 10) return launchBn<T, 64, 8, GELU>(p, groups, maxM, stream);
     if (cfg == 1) return launchBn<T, 256, 4, GELU>(p, groups, maxM, stream);
     if (cfg == 3) return launchBn<T, 128, 3, GELU>(p, groups, maxM, stream);
     if (cfg == 4) return launchBn<T, 128, 3, GELU, false>(p, groups, maxM, stream);
