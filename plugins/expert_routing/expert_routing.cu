@@ -488,8 +488,8 @@ WsLayout wsLayout(int T, int C, int hidden, int N, int top_k, size_t es) {
 // fc2 over the masked hidden activations + b2; on Hopper with few output tiles: split-K into fp32 partials
 // and a reduction kernel that adds b2.
 template <typename T>
-cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int C, int hidden, char* ws,
-                      const WsLayout& L, int sms, cudaStream_t stream) {
+cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int C, int hidden, float* partial,
+                      int sms, cudaStream_t stream) {
     cudaError_t e = cudaSuccess;
     GemmArgs<T> p2{};
     p2.A = H; p2.lda = hidden;
@@ -503,7 +503,7 @@ cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int 
         if (split > 1 && useWgmma()) {
             GemmArgs<T> ps = p2;
             ps.kSplit = split;
-            ps.partial = reinterpret_cast<float*>(ws + L.partial);
+            ps.partial = partial;
             e = launchGemmSm90<T, false>(ps, 1, Tn, sms, stream);
             if (e == cudaSuccess) {
                 const int64_t pairs = (int64_t)Tn * C / 2;
@@ -527,6 +527,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     auto* counts = reinterpret_cast<int32_t*>(ws + L.counts);
     auto* lists = reinterpret_cast<int32_t*>(ws + L.lists);
     T* H = reinterpret_cast<T*>(ws + L.hidden);
+    auto* partial = reinterpret_cast<float*>(ws + L.partial);
     const int d = hidden / N;
     int device = 0, sms = 132;
     cudaGetDevice(&device);
@@ -550,7 +551,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
             pm.M = Tn; pm.N = hidden; pm.K = C;
             pm.rowMask = bits; pm.maskCols = d;
             e = launchGemmSm90<T, true>(pm, 1, Tn, sms, stream);
-            if (e == cudaSuccess) return launchFc2(w2, b2, out, H, Tn, C, hidden, ws, L, sms, stream);
+            if (e == cudaSuccess) return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);
             if (e != cudaErrorNotSupported) return e;   // else: the routed path below (routing is redone)
         }
     }
@@ -589,7 +590,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     p1.counts = counts;
     if ((e = launchGemm<T, true>(p1, N, Tn, stream, sms)) != cudaSuccess) return e;
 
-    return launchFc2(w2, b2, out, H, Tn, C, hidden, ws, L, sms, stream);
+    return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);
 }
 
 }  // namespace
