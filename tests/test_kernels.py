@@ -248,15 +248,20 @@ def test_invalid_arguments(dev, K):
     assert K.expert_ffn_workspace_size(0, 64, 256, 16, 12, torch.float16) == 0
 
 
-@pytest.mark.parametrize("max_t", ["0", "1000000"])
-def test_expert_ffn_both_paths(dev, max_t):
-    """The small-T masked-dense path (Hopper, T <= ACTVAR_MASKED_DENSE_MAX_T) and the routed path must both
-    meet the reference on every expert shape: rerun the expert tests with each path forced (the threshold is
-    read once per process, hence a child process)."""
+@pytest.mark.parametrize("forced", [{"ACTVAR_MASKED_DENSE_MAX_T": "0"},
+                                    {"ACTVAR_MASKED_DENSE_MAX_T": "1000000"},
+                                    {"ACTVAR_FC2_CFG": "11"},
+                                    {"ACTVAR_FC2_CFG": "12", "ACTVAR_FC1_CFG": "12"}],
+                         ids=["routed", "masked_dense", "fc2_tma_256", "tma_pingpong"])
+def test_expert_ffn_both_paths(dev, forced):
+    """Every Hopper path must meet the reference on every expert shape: rerun the expert tests with the routed
+    path forced for all T, the small-T masked-dense path forced for all T, the TMA fc2 kernel with 128 x 256
+    tiles everywhere (partial column tiles at C = 1920), and the ping-pong TMA kernel for fc2 and the
+    masked-dense fc1. The settings are read once per process, hence a child process."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env["ACTVAR_MASKED_DENSE_MAX_T"] = max_t
+    env.update(forced)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", __file__,
                         "-k", "expert_ffn and not both_paths"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -42,6 +42,9 @@ inline int fc2SplitK(int T, int C, int hidden) {
 // alignment is outside what it handles (the caller then falls back to the portable kernels).
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream);
+// Warp-specialised, TMA-fed persistent variant (gemm_sm90_ws.cu); cfg 11-13 pick the tiling. Same fallback rule.
+template <typename T, bool GELU>
+cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream);
 #endif
 
 }  // namespace actvar

@@ -6,10 +6,10 @@
 // ring of kStages 128-byte-swizzled stages. Each K step: wait for the stage, proxy fence, barrier, issue the
 // loads PD steps ahead, 4 wgmma (k16 each) on the current stage, commit, then either keep one wgmma group in
 // flight (KEEP1, PD = kStages - 2) or drain it (PD = kStages - 1; with 3 stages two CTAs fit on an SM).
-// Epilogue: + bias, optional GELU(tanh), bf16/fp16 pairs to D[rowIdx[m]]; or fp32 partials for split-K.
+// Epilogue: + bias, optional GELU(tanh), optional expert mask, staged through shared memory into 16-byte
+// row chunks of D[rowIdx[m]]; or fp32 partials for split-K.
 // Grid: x = group + groups * nTile (all experts of one token range run together), y = mTile, z = K slice.
-#include "gemm_common.cuh"
-#include "wgmma_ops.cuh"
+#include "sm90_util.cuh"
 
 #include <cstdlib>
 
@@ -19,53 +19,12 @@
 
 namespace actvar {
 namespace {
+using namespace sm90;
 
 constexpr int kBM = 128, kBK = 64, kThreads = 256;
 
 template <int BN, int kStages>
 constexpr int smemBytes() { return kStages * (kBM + BN) * kBK * 2 + 1024; }  // + alignment slack
-
-__device__ __forceinline__ void cpAsync16(uint32_t smem, const void* gmem, bool valid) {
-    const int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
-}
-
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t smemDesc(uint32_t addr) {
-    uint64_t d = 0;
-    d |= (uint64_t)((addr & 0x3FFFF) >> 4);
-    d |= (uint64_t)1 << 16;              // leading byte offset (unused for swizzled K-major)
-    d |= (uint64_t)(1024 >> 4) << 32;    // stride byte offset
-    d |= (uint64_t)1 << 62;              // SWIZZLE_128B
-    return d;
-}
-
-template <typename T> struct Pack;
-template <> struct Pack<__half> {
-    __device__ __forceinline__ static uint32_t pair(float x, float y) {
-        __half2 v = __floats2half2_rn(x, y);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
-};
-template <> struct Pack<__nv_bfloat16> {
-    __device__ __forceinline__ static uint32_t pair(float x, float y) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-        return *reinterpret_cast<uint32_t*>(&v);
-    }
-};
-
-template <typename T, int BN>
-__device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) {
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-        if constexpr (BN == 256) wgmmaM64N256K16Bf16(acc, da, db);
-        else if constexpr (BN == 128) wgmmaM64N128K16Bf16(acc, da, db);
-        else wgmmaM64N64K16Bf16(acc, da, db);
-    } else {
-        if constexpr (BN == 256) wgmmaM64N256K16F16(acc, da, db);
-        else if constexpr (BN == 128) wgmmaM64N128K16F16(acc, da, db);
-        else wgmmaM64N64K16F16(acc, da, db);
-    }
-}
 
 template <typename T, int BN, int kStages, bool GELU, bool KEEP1 = true>
 __global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
@@ -170,26 +129,38 @@ __global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
         }
         return;
     }
+    // staged epilogue (sm90_util.cuh): the stages are free once every cp.async has landed and all warps left
+    // the main loop; warpgroup wg stages its 64 rows in the first 8 KB (16 KB) of stage 0.
+    __syncthreads();
     const T* bias = p.bias + (int64_t)g * p.groupN;
     T* D = p.D + (int64_t)g * p.groupN;
+    const int t = tid & 127, mb = m0 + wg * 64;
+    unsigned long long keep[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const int m = m0 + wg * 64 + wl * 16 + (lane >> 2) + 8 * h;
-        if (m >= M) continue;
-        const int64_t dr = rowIdx ? rowIdx[m] : m;
-        T* drow = D + dr * p.ldd;
-        const unsigned long long keep = p.rowMask ? p.rowMask[dr] : ~0ull;
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-            const int n = n0 + 8 * j + 2 * (lane & 3);
-            if (n >= p.N) continue;
-            float v0 = acc[4 * j + 2 * h] + Cvt<T>::toF(bias[n]);
-            float v1 = acc[4 * j + 2 * h + 1] + Cvt<T>::toF(bias[n + 1]);
-            if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
-            if (p.rowMask && !((keep >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }  // n, n+1: one expert
-            *reinterpret_cast<uint32_t*>(drow + n) = Pack<T>::pair(v0, v1);
-        }
+        const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
+        keep[h] = (p.rowMask && m < M) ? p.rowMask[rowIdx ? rowIdx[m] : m] : ~0ull;
     }
+    int64_t drow[4];
+    bool rok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = mb + ((t + 128 * i) >> 3);
+        rok[i] = m < M;
+        drow[i] = rok[i] ? (int64_t)(rowIdx ? rowIdx[m] : m) * p.ldd : 0;
+    }
+    auto epi = [&](int h, int col, float a0, float a1) -> uint32_t {
+        const int n = n0 + col;
+        if (n >= p.N) return 0u;
+        float v0 = a0 + Cvt<T>::toF(bias[n]), v1 = a1 + Cvt<T>::toF(bias[n + 1]);
+        if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
+        if (p.rowMask && !((keep[h] >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }  // n, n+1: one expert
+        return Pack<T>::pair(v0, v1);
+    };
+    auto store = [&](int i, int col, uint4 v) {
+        if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
+    };
+    stagedEpilogue64<BN>(acc, sbase + wg * 8192, t, epi, store, [] { __syncthreads(); });
 #endif
 }
 
@@ -226,8 +197,19 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     // Grids smaller than the GPU are latency-bound (each k-step waits for its loads): more CTAs and deeper
     // prefetch. 8: 128x128, 6 stages (prefetch 4) for split-K; 9: 128x64, 4 stages, two CTAs per SM, for fc1;
     // 10: 128x64, 8 stages (prefetch 6) when those tiles fit in one wave of one CTA per SM.
+    // 11-14: warp-specialised TMA kernels, un-gathered A only (11: cooperative 128x256, 12: ping-pong 128x128,
+    // 6 stages, 14: cooperative 128x192).
     const int64_t tiles128 = (int64_t)groups * ((maxM + kBM - 1) / kBM) * ((p.N + 127) / 128) * std::max(p.kSplit, 1);
     if (cfg == 0 && p.kSplit > 1) cfg = 8;
+    // Grids that fill the GPU, un-gathered A: the warp-specialised TMA kernel (gemm_sm90_ws.cu), cooperative
+    // 128 x 256 (or 128 x 192) tiles for fc2, ping-pong 128 x 128 for the masked-dense fc1 (short K: one
+    // consumer's epilogue overlaps the other's MMAs).
+    if (cfg == 0 && tiles128 >= numSms && !p.rowIdx && !p.rowMask) cfg = GELU ? 12 : (p.N % 256 != 0 && p.N % 192 == 0 ? 14 : 11);
+    if (cfg == 11 || cfg == 12 || cfg == 14) {
+        const cudaError_t e = launchGemmSm90Ws<T, GELU>(p, groups, maxM, numSms, cfg, stream);
+        if (e != cudaErrorNotSupported) return e;
+        cfg = 0;
+    }
     if (cfg == 0 && GELU && tiles128 < numSms) cfg = 2 * tiles128 <= numSms ? 10 : 9;   // 10: one wave of 1 CTA/SM
     if (cfg == 0 && GELU) cfg = 4;  // fc1 (short K = C): two CTAs per SM overlap one's epilogue with the other's MMAs
     if (cfg == 0) {

@@ -1,0 +1,281 @@
+// Hopper (sm_90a) warp-specialised persistent GEMM fed by the Tensor Memory Accelerator (TMA).
+// Same contract as gemm_sm90.cu (GemmArgs, no split-K); used for grids that fill the GPU.
+//
+// 384 threads = 3 warpgroups.
+//   warpgroup 0, producer (40 registers): one thread issues every load of the CTA's tiles into a ring of kStages
+//     128-byte-swizzled stages, one TMA box for A and one for B per stage; the stage's "full" mbarrier counts
+//     the bytes (expect_tx), no thread waits for a copy to land. A is not gathered (rowIdx null): gathered
+//     rows as 1-row TMA boxes were correct but 3-6x slower (TMA issue rate), and a cp.async producer for them
+//     no faster than gemm_sm90.cu's kernel (plugins/NOTES.md, v10, v11).
+//   warpgroups 1, 2, consumers (232 registers): wgmma on the stages, release each stage ("empty" mbarrier)
+//     once the wgmma group that read it has retired, then the epilogue (bias, GELU, mask), staged through an
+//     8 KB shared buffer per consumer into 16-byte row chunks (sm90_util.cuh).
+//     COOP: both consumers work on every 128 x BN tile (rows 64c..64c+63); else ping-pong: consumers take
+//     alternate 128 x BN tiles, so one's epilogue overlaps the other's MMAs.
+// Tiles L = (mTile * groups + group) * nTiles + nTile, CTA b taking L = b, b + grid, ...; tiles beyond a group's
+// row count are skipped by all roles alike, so the ring position of step k of the CTA's j-th non-empty tile is
+// j * KT + k for everybody. Ping-pong ordering ("turn" barriers): an mbarrier parity wait is only meaningful
+// one phase ahead, so the consumer of tile j + 1 starts waiting on stages only after the consumer of tile j
+// has acquired its last stage (see plugins/NOTES.md, v8).
+#include "sm90_util.cuh"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cstdlib>
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "gemm_sm90_ws.cu must be compiled for sm_90a only"
+#endif
+
+namespace actvar {
+namespace {
+using namespace sm90;
+
+constexpr int kBM = 128, kBK = 64, kWsThreads = 384;
+
+template <int BN, int kStages>
+constexpr int wsSmemBytes() { return kStages * (kBM + BN) * kBK * 2 + 2 * 8192 + 2048; }  // + staging, barriers, align
+
+__device__ __forceinline__ void mbarInit(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarArrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarExpectTx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ uint64_t globalTimerNs() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// Waits for the phase of the given parity to complete. A wait longer than about 10 s is a protocol error:
+// trap, so that the launch fails with an error instead of hanging the GPU.
+__device__ __forceinline__ void mbarWait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0, spins = 0;
+    uint64_t t0 = 0;
+    for (;;) {
+        asm volatile(
+            "{\n.reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+        if (done) return;
+        if ((++spins & 1023u) == 0) {
+            const uint64_t t = globalTimerNs();
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > 10000000000ull) asm volatile("trap;");
+        }
+    }
+}
+// 2-D TMA load of the box at (c0 = column, c1 = row) into shared memory; completes bytes on `bar`.
+__device__ __forceinline__ void tmaLoad2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+
+template <typename T, int BN, int kStages, bool GELU, bool COOP>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    gemmTmaWsKernel(GemmArgs<T> p, const __grid_constant__ CUtensorMap mapA, const __grid_constant__ CUtensorMap mapB,
+                    int groups, int mTiles, int nTiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
+    static_assert(kStages >= 2, "need at least 2 stages");
+    extern __shared__ unsigned char smemRaw[];
+    __shared__ int sCount[ACTVAR_MAX_EXPERTS];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smemRaw);
+    const uint32_t bars = (raw + 7u) & ~7u;  // full[s] at bars + 8s, empty[s] at + 8(kStages + s), turn[c] at + 8(2 kStages + c)
+    const uint32_t sbase = (raw + 1024u + 1023u) & ~1023u;   // stages, 1024-byte aligned (128B swizzle atoms)
+    const int tid = threadIdx.x, wg = tid >> 7;
+    if (tid < groups) sCount[tid] = p.counts ? p.counts[tid] : p.M;
+    if (tid == 0) {
+        for (int s = 0; s < kStages; ++s) {
+            mbarInit(bars + 8 * s, 1);                            // the producer's expect_tx arrival
+            mbarInit(bars + 8 * (kStages + s), COOP ? 8 : 4);     // one lane per consuming warp
+        }
+        mbarInit(bars + 8 * (2 * kStages), 4);
+        mbarInit(bars + 8 * (2 * kStages + 1), 4);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    const int KT = p.K / kBK;
+    const int total = mTiles * groups * nTiles;
+
+    if (wg == 0) {
+        // ---------------- producer ----------------
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (tid != 0) return;
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapA)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
+        int pos = 0;
+        for (int L = blockIdx.x; L < total; L += gridDim.x) {
+            const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
+            const int m0 = mt * kBM, n0 = nt * BN;
+            if (m0 >= sCount[g]) continue;
+            const int bRow = g * p.groupN + n0;
+            for (int kt = 0; kt < KT; ++kt, ++pos) {
+                const int s = pos % kStages;
+                mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
+                const uint32_t st = sbase + (uint32_t)s * STAGE, full = bars + 8 * s;
+                mbarExpectTx(full, STAGE);
+                tmaLoad2d(st, &mapA, kt * kBK, m0, full);
+                tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
+            }
+        }
+        return;
+    }
+
+    // ---------------- consumers ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int cw = wg - 1;
+    const int wl = (tid & 127) >> 5, lane = tid & 31;
+    const uint32_t myTurn = bars + 8 * (2 * kStages + cw), otherTurn = bars + 8 * (2 * kStages + 1 - cw);
+    int ord = 0, turns = 0;
+    for (int L = blockIdx.x; L < total; L += gridDim.x) {
+        const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
+        const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
+        if (m0 >= M) continue;
+        if (!COOP && (ord & 1) != cw) { ++ord; continue; }
+        const int pos0 = ord++ * KT;
+        if (!COOP && pos0 > 0) mbarWait(myTurn, (turns++) & 1);   // the previous tile has acquired its last stage
+        constexpr int NSUB = COOP ? 1 : 2;      // 64-row sub-tiles of this consumer
+        const int rowBase = COOP ? 64 * cw : 0;
+        float acc[NSUB][BN / 2];
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u)
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) acc[u][i] = 0.f;
+        for (int kt = 0; kt < KT; ++kt) {
+            const int pos = pos0 + kt, s = pos % kStages;
+            mbarWait(bars + 8 * s, (pos / kStages) & 1);
+            if (!COOP && kt == KT - 1 && lane == 0) mbarArrive(otherTurn);
+            const uint32_t st = sbase + (uint32_t)s * STAGE;
+            const uint64_t db = smemDesc(st + A_BYTES);
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int k = 0; k < kBK / 16; ++k)
+#pragma unroll
+                for (int u = 0; u < NSUB; ++u)
+                    wgmmaStep<T, BN>(acc[u], smemDesc(st + (rowBase + 64 * u) * 128) + 2 * k, db + 2 * k);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            if (kt > 0 && lane == 0) mbarArrive(bars + 8 * (kStages + (pos - 1) % kStages));
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (lane == 0) mbarArrive(bars + 8 * (kStages + (pos0 + KT - 1) % kStages));
+
+        // epilogue (sm90_util.cuh), staged through this consumer's 8 KB buffer, one 64-row block at a time
+        const T* bias = p.bias + (int64_t)g * p.groupN;
+        T* D = p.D + (int64_t)g * p.groupN;
+        const int t = tid & 127;
+        const uint32_t stg = sbase + kStages * STAGE + cw * 8192;
+        const auto sync = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory"); };
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u) {
+            const int mb = m0 + rowBase + 64 * u;
+            unsigned long long keep[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
+                keep[h] = (p.rowMask && m < M) ? p.rowMask[m] : ~0ull;
+            }
+            int64_t drow[4];
+            bool rok[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = mb + ((t + 128 * i) >> 3);
+                rok[i] = m < M;
+                drow[i] = rok[i] ? (int64_t)m * p.ldd : 0;
+            }
+            auto epi = [&](int h, int col, float a0, float a1) -> uint32_t {
+                const int n = n0 + col;
+                if (n >= p.N) return 0u;
+                float v0 = a0 + Cvt<T>::toF(bias[n]), v1 = a1 + Cvt<T>::toF(bias[n + 1]);
+                if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
+                if (p.rowMask && !((keep[h] >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }
+                return Pack<T>::pair(v0, v1);
+            };
+            auto store = [&](int i, int col, uint4 v) {
+                if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
+            };
+            stagedEpilogue64<BN>(acc[u], stg, t, epi, store, sync);
+        }
+    }
+#endif
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encodeTiled() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+        void* f = nullptr;
+        cudaDriverEntryPointQueryResult q{};
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess || q != cudaDriverEntryPointSuccess)
+            f = nullptr;
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+    }();
+    return fn;
+}
+
+// Row-major [rows, cols] matrix with leading dimension ld (elements); boxes of 64 columns x boxRows rows,
+// 128-byte swizzle (the layout smemDesc describes); out-of-range rows read as zeros.
+template <typename T>
+bool makeMap(CUtensorMap* map, const T* base, int64_t rows, int64_t cols, int64_t ld, int boxRows) {
+    const auto fn = encodeTiled();
+    if (!fn) return false;
+    const CUtensorMapDataType dt = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                   : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)ld * sizeof(T)};
+    const cuuint32_t box[2] = {(cuuint32_t)kBK, (cuuint32_t)boxRows};
+    const cuuint32_t elemStrides[2] = {1, 1};
+    return fn(map, dt, 2, const_cast<T*>(base), dims, strides, box, elemStrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int BN, int S, bool GELU, bool COOP>
+cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
+    CUtensorMap mapA, mapB;
+    const int64_t rowsB = (int64_t)(groups - 1) * p.groupN + p.N;
+    if (!makeMap<T>(&mapA, p.A, p.M, p.K, p.lda, kBM) || !makeMap<T>(&mapB, p.B, rowsB, p.K, p.ldb, BN))
+        return cudaErrorNotSupported;
+    auto kern = gemmTmaWsKernel<T, BN, S, GELU, COOP>;
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, wsSmemBytes<BN, S>());
+    if (e != cudaSuccess) return e;
+    const int mTiles = (maxM + kBM - 1) / kBM, nTiles = (p.N + BN - 1) / BN;
+    const int64_t total = (int64_t)mTiles * groups * nTiles;
+    const int grid = (int)std::min<int64_t>(total, numSms);
+    kern<<<grid, kWsThreads, wsSmemBytes<BN, S>(), stream>>>(p, mapA, mapB, groups, mTiles, nTiles);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+// cfg: 11 = cooperative 128 x 256, 4 stages; 12 = ping-pong 128 x 128, 6 stages; 14 = cooperative 128 x 192, 5 stages (N a multiple of 192 but not of 256, e.g. C = 1920). cudaErrorNotSupported outside the kernel's contract (split-K, misaligned, > 2^31 elements, no
+// driver entry point), so that the caller can fall back.
+template <typename T, bool GELU>
+cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream) {
+    const bool ok = p.kSplit <= 1 && !p.rowIdx && p.K % kBK == 0 && p.K > 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 &&
+                    (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 &&
+                    p.N % 2 == 0 && p.groupN % 2 == 0 && p.ldd % 2 == 0 && groups <= ACTVAR_MAX_EXPERTS &&
+                    (!p.rowMask || p.maskCols % 2 == 0) && (int64_t)p.M * p.lda < ((int64_t)1 << 31) &&
+                    (int64_t)maxM * p.ldd < ((int64_t)1 << 31);
+    if (!ok) return cudaErrorNotSupported;
+    if (cfg == 12) return launchTmaWs<T, 128, 6, GELU, false>(p, groups, maxM, numSms, stream);
+    if (cfg == 14) return launchTmaWs<T, 192, 5, GELU, true>(p, groups, maxM, numSms, stream);
+    return launchTmaWs<T, 256, 4, GELU, true>(p, groups, maxM, numSms, stream);
+}
+
+template cudaError_t launchGemmSm90Ws<__half, true>(const GemmArgs<__half>&, int, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90Ws<__half, false>(const GemmArgs<__half>&, int, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90Ws<__nv_bfloat16, true>(const GemmArgs<__nv_bfloat16>&, int, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90Ws<__nv_bfloat16, false>(const GemmArgs<__nv_bfloat16>&, int, int, int, int, cudaStream_t);
+
+}  // namespace actvar

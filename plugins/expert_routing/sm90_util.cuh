@@ -1,0 +1,111 @@
+// Internal: helpers shared by the sm_90a GEMM kernels (gemm_sm90.cu, gemm_sm90_ws.cu).
+#pragma once
+#include "gemm_common.cuh"
+#include "wgmma_ops.cuh"
+
+namespace actvar {
+namespace sm90 {
+
+__device__ __forceinline__ void cpAsync16(uint32_t smem, const void* gmem, bool valid) {
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smemDesc(uint32_t addr) {
+    uint64_t d = 0;
+    d |= (uint64_t)((addr & 0x3FFFF) >> 4);
+    d |= (uint64_t)1 << 16;              // leading byte offset (unused for swizzled K-major)
+    d |= (uint64_t)(1024 >> 4) << 32;    // stride byte offset
+    d |= (uint64_t)1 << 62;              // SWIZZLE_128B
+    return d;
+}
+
+template <typename T> struct Pack;
+template <> struct Pack<__half> {
+    __device__ __forceinline__ static uint32_t pair(float x, float y) {
+        __half2 v = __floats2half2_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+template <> struct Pack<__nv_bfloat16> {
+    __device__ __forceinline__ static uint32_t pair(float x, float y) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+template <typename T, int BN>
+__device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        if constexpr (BN == 256) wgmmaM64N256K16Bf16(acc, da, db);
+        else if constexpr (BN == 192) wgmmaM64N192K16Bf16(acc, da, db);
+        else if constexpr (BN == 128) wgmmaM64N128K16Bf16(acc, da, db);
+        else wgmmaM64N64K16Bf16(acc, da, db);
+    } else {
+        if constexpr (BN == 256) wgmmaM64N256K16F16(acc, da, db);
+        else if constexpr (BN == 192) wgmmaM64N192K16F16(acc, da, db);
+        else if constexpr (BN == 128) wgmmaM64N128K16F16(acc, da, db);
+        else wgmmaM64N64K16F16(acc, da, db);
+    }
+}
+
+
+// Epilogue of one warpgroup's 64 x BN block of wgmma accumulators, staged through shared memory so that the
+// global stores are 16-byte row chunks instead of the accumulator layout's scattered 4-byte pairs.
+// m64nBNk16 accumulators: thread t (warp w = t / 32, lane l) holds for each n8 block j rows 16w + l/4
+// (regs 4j, 4j+1) and 16w + l/4 + 8 (regs 4j+2, 4j+3), columns 8j + 2(l%4) + {0,1}.
+// Per 64 columns: every thread writes its pairs, epi(h, col, v0, v1) -> packed pair (h: which of its two
+// rows), into `stg` (64 rows x 128 bytes = 8 KB, 16-byte chunks XOR-swizzled by row so that neither phase
+// has bank conflicts), sync(), then reads 16-byte chunks back row-wise and hands them to
+// store(i, col, chunk) (i: which of its 4 rows, rows (t + 128 i) / 8), sync() before the buffer is reused.
+template <int BN, class Epi, class Store, class Sync>
+__device__ __forceinline__ void stagedEpilogue64(const float* acc, uint32_t stg, int t, Epi epi, Store store,
+                                                 Sync sync) {
+    static_assert(BN % 64 == 0, "column chunks of 64");
+    const int wl = t >> 5, lane = t & 31;
+#pragma unroll
+    for (int q = 0; q < BN / 64; ++q) {
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+            const int j = 8 * q + jj;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = 16 * wl + (lane >> 2) + 8 * h;
+                const uint32_t v = epi(h, 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                const uint32_t a = stg + row * 128 + ((jj ^ (row & 7)) << 4) + (lane & 3) * 4;
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+            }
+        }
+        sync();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int idx = t + 128 * i, row = idx >> 3, c = idx & 7;
+            uint4 v;
+            const uint32_t a = stg + row * 128 + ((c ^ (row & 7)) << 4);
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                         : "r"(a)
+                         : "memory");
+            store(i, 64 * q + 8 * c, v);
+        }
+        sync();
+    }
+}
+
+// Writes the 8 columns [n, n + 8) of one output row from a staged chunk: one 16-byte store when the chunk is
+// whole and aligned, else the valid column pairs one by one (N and the row starts are even).
+template <typename T>
+__device__ __forceinline__ void storeChunk8(T* dst, int n, int N, uint4 v) {
+    if (n + 8 <= N && ((uintptr_t)dst & 15) == 0) {
+        *reinterpret_cast<uint4*>(dst) = v;
+        return;
+    }
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+        if (n + 2 * k < N) *reinterpret_cast<uint32_t*>(dst + 2 * k) = w[k];
+}
+
+}  // namespace sm90
+}  // namespace actvar
