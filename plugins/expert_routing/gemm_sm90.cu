@@ -201,9 +201,9 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     // 6 stages, 14: cooperative 128x192).
     const int64_t tiles128 = (int64_t)groups * ((maxM + kBM - 1) / kBM) * ((p.N + 127) / 128) * std::max(p.kSplit, 1);
     if (cfg == 0 && p.kSplit > 1) cfg = 8;
-    // Grids that fill the GPU, un-gathered A: the warp-specialised TMA kernel (gemm_sm90_ws.cu), cooperative
-    // 128 x 256 (or 128 x 192) tiles for fc2, ping-pong 128 x 128 for the masked-dense fc1 (short K: one
-    // consumer's epilogue overlaps the other's MMAs).
+    // Grids that fill the GPU, un-gathered A (fc2): the warp-specialised TMA kernel (gemm_sm90_ws.cu),
+    // cooperative 128 x 256 (or 128 x 192) tiles; ping-pong 128 x 128 if GELU. The routed fc1 (gathered rows)
+    // and the masked-dense fc1 stay on this file's kernels, which measured faster (plugins/NOTES.md, v10-v11).
     if (cfg == 0 && tiles128 >= numSms && !p.rowIdx && !p.rowMask) cfg = GELU ? 12 : (p.N % 256 != 0 && p.N % 192 == 0 ? 14 : 11);
     if (cfg == 11 || cfg == 12 || cfg == 14) {
         const cudaError_t e = launchGemmSm90Ws<T, GELU>(p, groups, maxM, numSms, cfg, stream);
