@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "actvar_plugins.h"
 
@@ -62,6 +63,37 @@ __device__ __forceinline__ float geluTanhFast(float x) {
     float t;
     asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(u));
     return 0.5f * x * (1.0f + t);
+}
+
+// Programmatic dependent launch (Hopper+): a kernel launched with launchKernel(..., pdl = true) may be scheduled
+// while the previous kernel of the stream is still running; it must call gridDependencyWait() before it reads
+// or writes anything that kernel touches. gridDependencyLaunch() lets the next such kernel be scheduled early.
+// Both are no-ops on older GPUs and for kernels launched without the attribute.
+__device__ __forceinline__ void gridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void gridDependencyLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launchKernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                         Args&&... args) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace actvar

@@ -87,6 +87,8 @@ __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long 
 // lower id, as actvarTopkAscending). Writes the chosen ids ascending and the membership mask.
 __global__ void routeBitsKernel(const float* __restrict__ logits, int32_t* __restrict__ experts,
                                 unsigned long long* __restrict__ bits, int T, int N, int k) {
+    gridDependencyWait();
+    gridDependencyLaunch();
     const int t = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= T) return;
     const float* row = logits + (size_t)t * N;
@@ -451,6 +453,7 @@ cudaError_t launchGemm(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t 
 template <typename T>
 __global__ void splitReduceKernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
                                   int M, int N, int split) {
+    gridDependencyWait();
     const int64_t pairs = (int64_t)M * N / 2, plane = (int64_t)M * N;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t off = 2 * i;
@@ -489,7 +492,7 @@ WsLayout wsLayout(int T, int C, int hidden, int N, int top_k, size_t es) {
 // and a reduction kernel that adds b2.
 template <typename T>
 cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int C, int hidden, float* partial,
-                      int sms, cudaStream_t stream) {
+                      int sms, cudaStream_t stream, bool pdl = false) {
     cudaError_t e = cudaSuccess;
     GemmArgs<T> p2{};
     p2.A = H; p2.lda = hidden;
@@ -504,12 +507,13 @@ cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int 
             GemmArgs<T> ps = p2;
             ps.kSplit = split;
             ps.partial = partial;
+            ps.pdl = pdl;
             e = launchGemmSm90<T, false>(ps, 1, Tn, sms, stream);
             if (e == cudaSuccess) {
                 const int64_t pairs = (int64_t)Tn * C / 2;
                 const int blocks = (int)std::min<int64_t>((pairs + 255) / 256, (int64_t)sms * 8);
-                splitReduceKernel<T><<<blocks, 256, 0, stream>>>(ps.partial, b2, out, Tn, C, split);
-                return cudaGetLastError();
+                return launchKernel(splitReduceKernel<T>, dim3(blocks), dim3(256), 0, stream, pdl,
+                                    (const float*)ps.partial, b2, out, Tn, C, split);
             }
             if (e != cudaErrorNotSupported) return e;
         }
@@ -541,8 +545,10 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     // of fc1 FLOPs that routing would save, which at these sizes costs less than the routing kernels.
     if constexpr (!std::is_same<T, float>::value) {
         if (Tn <= maskedDenseMaxTokens() && useWgmma()) {
-            routeBitsKernel<<<(Tn + 7) / 8, 256, 0, stream>>>(logits, experts, bits, Tn, N, k);
-            if ((e = cudaGetLastError()) != cudaSuccess) return e;
+            // the four kernels are programmatic dependents of their predecessors (launch latency overlapped)
+            e = launchKernel(routeBitsKernel, dim3((Tn + 7) / 8), dim3(256), 0, stream, true, (const float*)logits,
+                             experts, bits, Tn, N, k);
+            if (e != cudaSuccess) return e;
             GemmArgs<T> pm{};
             pm.A = h; pm.lda = C;
             pm.B = w1; pm.ldb = C;
@@ -550,8 +556,9 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
             pm.D = H; pm.ldd = hidden;
             pm.M = Tn; pm.N = hidden; pm.K = C;
             pm.rowMask = bits; pm.maskCols = d;
+            pm.pdl = true;
             e = launchGemmSm90<T, true>(pm, 1, Tn, sms, stream);
-            if (e == cudaSuccess) return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);
+            if (e == cudaSuccess) return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream, true);
             if (e != cudaErrorNotSupported) return e;   // else: the routed path below (routing is redone)
         }
     }

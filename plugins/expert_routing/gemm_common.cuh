@@ -22,6 +22,7 @@ struct GemmArgs {
     float* partial;             // [kSplit, M, N] fp32 when kSplit > 1
     const unsigned long long* rowMask;  // sm_90a path only, optional: D[m, n] = 0 unless bit n / maskCols of
     int maskCols;                       // rowMask[m] is set (masked-dense fc1: experts own maskCols hidden units)
+    bool pdl;                   // sm_90a path: launch as a programmatic dependent of the previous kernel
     int numGroups;              // set by the sm_90a launcher
     int mTiles;                 // set by the sm_90a launcher
 };

@@ -38,6 +38,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
 
     // grid: x = group + groups * nTile (the groups of one token range run together, so gathered A rows and
     // the H rows of one m-tile are shared through L2), y = mTile, z = K slice (split-K) or 0
+    gridDependencyWait();     // the previous kernel's outputs (routing, H) are complete
+    gridDependencyLaunch();
     const int groups = p.kSplit > 1 ? 1 : p.numGroups;
     const int g = blockIdx.x % groups;
     const int M = p.counts ? p.counts[g] : p.M;
@@ -172,8 +174,7 @@ cudaError_t launchBn(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t st
     GemmArgs<T> q = p;
     q.numGroups = p.kSplit > 1 ? 1 : groups;
     dim3 grid(q.numGroups * ((p.N + BN - 1) / BN), (maxM + kBM - 1) / kBM, p.kSplit > 1 ? p.kSplit : 1);
-    kern<<<grid, kThreads, smemBytes<BN, S>(), stream>>>(q);
-    return cudaGetLastError();
+    return launchKernel(kern, grid, dim3(kThreads), smemBytes<BN, S>(), stream, p.pdl, q);
 }
 
 }  // namespace
