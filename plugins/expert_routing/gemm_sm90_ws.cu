@@ -22,8 +22,6 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
-#include <cstdlib>
-
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "gemm_sm90_ws.cu must be compiled for sm_90a only"
 #endif
@@ -258,8 +256,10 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
 
 }  // namespace
 
-// cfg: 11 = cooperative 128 x 256, 4 stages; 12 = ping-pong 128 x 128, 6 stages; 14 = cooperative 128 x 192, 5 stages (N a multiple of 192 but not of 256, e.g. C = 1920). cudaErrorNotSupported outside the kernel's contract (split-K, misaligned, > 2^31 elements, no
-// driver entry point), so that the caller can fall back.
+// cfg: 11 = cooperative 128 x 256, 4 stages; 12 = ping-pong 128 x 128, 6 stages; 14 = cooperative 128 x 192,
+// 5 stages (for N a multiple of 192 but not of 256, e.g. C = 1920). Launched as an ordinary (not programmatic
+// dependent) kernel. cudaErrorNotSupported outside the kernel's contract (gathered rows, split-K, misaligned,
+// > 2^31 elements, no driver entry point), so that the caller can fall back.
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream) {
     const bool ok = p.kSplit <= 1 && !p.rowIdx && p.K % kBK == 0 && p.K > 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 &&
