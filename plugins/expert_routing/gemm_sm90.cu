@@ -21,7 +21,7 @@ namespace actvar {
 namespace {
 using namespace sm90;
 
-constexpr int kBM = 128, kBK = 64, kThreads = 256;
+constexpr int kThreads = 256;
 
 template <int BN, int kStages>
 constexpr int smemBytes() { return kStages * (kBM + BN) * kBK * 2 + 1024; }  // + alignment slack
@@ -134,35 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
     // staged epilogue (sm90_util.cuh): the stages are free once every cp.async has landed and all warps left
     // the main loop; warpgroup wg stages its 64 rows in the first 8 KB (16 KB) of stage 0.
     __syncthreads();
-    const T* bias = p.bias + (int64_t)g * p.groupN;
-    T* D = p.D + (int64_t)g * p.groupN;
-    const int t = tid & 127, mb = m0 + wg * 64;
-    unsigned long long keep[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
-        keep[h] = (p.rowMask && m < M) ? p.rowMask[rowIdx ? rowIdx[m] : m] : ~0ull;
-    }
-    int64_t drow[4];
-    bool rok[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = mb + ((t + 128 * i) >> 3);
-        rok[i] = m < M;
-        drow[i] = rok[i] ? (int64_t)(rowIdx ? rowIdx[m] : m) * p.ldd : 0;
-    }
-    auto epi = [&](int h, int col, float a0, float a1) -> uint32_t {
-        const int n = n0 + col;
-        if (n >= p.N) return 0u;
-        float v0 = a0 + Cvt<T>::toF(bias[n]), v1 = a1 + Cvt<T>::toF(bias[n + 1]);
-        if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
-        if (p.rowMask && !((keep[h] >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }  // n, n+1: one expert
-        return Pack<T>::pair(v0, v1);
-    };
-    auto store = [&](int i, int col, uint4 v) {
-        if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
-    };
-    stagedEpilogue64<BN>(acc, sbase + wg * 8192, t, epi, store, [] { __syncthreads(); });
+    epilogueBlock64<T, BN, GELU>(p, acc, sbase + wg * 8192, tid & 127, m0 + wg * 64, M, rowIdx,
+                                 p.bias + (int64_t)g * p.groupN, p.D + (int64_t)g * p.groupN, n0,
+                                 [] { __syncthreads(); });
 #endif
 }
 

@@ -30,7 +30,7 @@ namespace actvar {
 namespace {
 using namespace sm90;
 
-constexpr int kBM = 128, kBK = 64, kWsThreads = 384;
+constexpr int kWsThreads = 384;
 
 template <int BN, int kStages>
 constexpr int wsSmemBytes() { return kStages * (kBM + BN) * kBK * 2 + 2 * 8192 + 2048; }  // + staging, barriers, align
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // ---------------- consumers ----------------
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int cw = wg - 1;
-    const int wl = (tid & 127) >> 5, lane = tid & 31;
+    const int lane = tid & 31;
     const uint32_t myTurn = bars + 8 * (2 * kStages + cw), otherTurn = bars + 8 * (2 * kStages + 1 - cw);
     int ord = 0, turns = 0;
     for (int L = blockIdx.x; L < total; L += gridDim.x) {
@@ -169,41 +169,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         if (lane == 0) mbarArrive(bars + 8 * (kStages + (pos0 + KT - 1) % kStages));
 
         // epilogue (sm90_util.cuh), staged through this consumer's 8 KB buffer, one 64-row block at a time
-        const T* bias = p.bias + (int64_t)g * p.groupN;
-        T* D = p.D + (int64_t)g * p.groupN;
-        const int t = tid & 127;
         const uint32_t stg = sbase + kStages * STAGE + cw * 8192;
         const auto sync = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory"); };
 #pragma unroll
-        for (int u = 0; u < NSUB; ++u) {
-            const int mb = m0 + rowBase + 64 * u;
-            unsigned long long keep[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
-                keep[h] = (p.rowMask && m < M) ? p.rowMask[m] : ~0ull;
-            }
-            int64_t drow[4];
-            bool rok[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int m = mb + ((t + 128 * i) >> 3);
-                rok[i] = m < M;
-                drow[i] = rok[i] ? (int64_t)m * p.ldd : 0;
-            }
-            auto epi = [&](int h, int col, float a0, float a1) -> uint32_t {
-                const int n = n0 + col;
-                if (n >= p.N) return 0u;
-                float v0 = a0 + Cvt<T>::toF(bias[n]), v1 = a1 + Cvt<T>::toF(bias[n + 1]);
-                if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
-                if (p.rowMask && !((keep[h] >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }
-                return Pack<T>::pair(v0, v1);
-            };
-            auto store = [&](int i, int col, uint4 v) {
-                if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
-            };
-            stagedEpilogue64<BN>(acc[u], stg, t, epi, store, sync);
-        }
+        for (int u = 0; u < NSUB; ++u)
+            epilogueBlock64<T, BN, GELU>(p, acc[u], stg, tid & 127, m0 + rowBase + 64 * u, M, nullptr,
+                                         p.bias + (int64_t)g * p.groupN, p.D + (int64_t)g * p.groupN, n0, sync);
     }
 #endif
 }

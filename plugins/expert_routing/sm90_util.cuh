@@ -6,6 +6,10 @@
 namespace actvar {
 namespace sm90 {
 
+// Tile rows and K step of both Hopper kernels: A tiles of 128 rows; each stage holds 64 K-columns = one
+// 128-byte swizzle row per matrix row (the layout smemDesc describes).
+constexpr int kBM = 128, kBK = 64;
+
 __device__ __forceinline__ void cpAsync16(uint32_t smem, const void* gmem, bool valid) {
     const int bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
@@ -105,6 +109,42 @@ __device__ __forceinline__ void storeChunk8(T* dst, int n, int N, uint4 v) {
 #pragma unroll
     for (int k = 0; k < 4; ++k)
         if (n + 2 * k < N) *reinterpret_cast<uint32_t*>(dst + 2 * k) = w[k];
+}
+
+// The GEMM epilogue of one warpgroup's 64-row block (tile rows mb .. mb + 63, of which rows < M exist):
+// + bias, optional GELU, optional expert mask (p.rowMask, p.maskCols), written through stagedEpilogue64 to
+// D[row] with row = rowIdx[m] (gathered rows) or m. D and bias are already offset to the group's columns.
+template <typename T, int BN, bool GELU, class Sync>
+__device__ __forceinline__ void epilogueBlock64(const GemmArgs<T>& p, const float* acc, uint32_t stg, int t, int mb,
+                                                int M, const int32_t* rowIdx, const T* bias, T* D, int n0,
+                                                Sync sync) {
+    const int wl = t >> 5, lane = t & 31;
+    unsigned long long keep[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
+        keep[h] = (p.rowMask && m < M) ? p.rowMask[rowIdx ? rowIdx[m] : m] : ~0ull;
+    }
+    int64_t drow[4];
+    bool rok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = mb + ((t + 128 * i) >> 3);
+        rok[i] = m < M;
+        drow[i] = rok[i] ? (int64_t)(rowIdx ? rowIdx[m] : m) * p.ldd : 0;
+    }
+    auto epi = [&](int h, int col, float a0, float a1) -> uint32_t {
+        const int n = n0 + col;
+        if (n >= p.N) return 0u;
+        float v0 = a0 + Cvt<T>::toF(bias[n]), v1 = a1 + Cvt<T>::toF(bias[n + 1]);
+        if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
+        if (p.rowMask && !((keep[h] >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }  // n, n+1: one expert
+        return Pack<T>::pair(v0, v1);
+    };
+    auto store = [&](int i, int col, uint4 v) {
+        if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
+    };
+    stagedEpilogue64<BN>(acc, stg, t, epi, store, sync);
 }
 
 }  // namespace sm90
