@@ -70,6 +70,7 @@ def load_library():
         lib.actvarExpertFfnWorkspaceSize.argtypes = [i32, i32, i32, i32, i32, i32]
         lib.actvarExpertFfnWorkspaceSize.restype = ctypes.c_size_t
         lib.actvarPluginsVersion.restype = ctypes.c_int
+        lib.actvarExpertFfnCublasLt.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -164,6 +165,13 @@ def scatter_tokens(x_SLC: torch.Tensor, idx_SK: torch.Tensor, upd_SKC: torch.Ten
 def route_experts(logits_TN: torch.Tensor, k: int) -> torch.Tensor:
     """experts [T, k] int32, ascending ids of the k highest logits per token (ties to the lower id)."""
     return _topk_rows("actvarExpertRoute", "logits", logits_TN, k)
+
+
+def expert_ffn_uses_cublaslt() -> int:
+    """1 if the expert FFN's small-T dense path runs its GEMMs through cuBLASLt, 0 if cuBLASLt could not be
+    opened or is disabled (ACTVAR_DISABLE_CUBLASLT=1; the plugin's own kernels run), -1 if the library was built
+    without the cuBLASLt header."""
+    return int(load_library().actvarExpertFfnCublasLt())
 
 
 def expert_ffn_workspace_size(T: int, C: int, hidden: int, num_experts: int, top_k: int,

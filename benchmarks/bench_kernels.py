@@ -134,6 +134,17 @@ def bench_tokens(ceil, dtype=torch.bfloat16):
     return rows
 
 
+def expert_path(T: int) -> str:
+    """Which expert-FFN path the plugin takes at T tokens (bf16, Hopper), from the same settings it reads:
+    dense-lt (cuBLASLt GEMMs, T <= ACTVAR_DENSE_MAX_T), masked (own masked-dense kernels, no cuBLASLt,
+    T <= ACTVAR_MASKED_DENSE_MAX_T) or routed."""
+    if kernels.expert_ffn_uses_cublaslt() == 1 and T <= int(os.environ.get("ACTVAR_DENSE_MAX_T", "8192")):
+        return "dense-lt"
+    if T <= int(os.environ.get("ACTVAR_MASKED_DENSE_MAX_T", "512")):
+        return "masked"
+    return "routed"
+
+
 def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
     rows = []
     es = 2
@@ -167,7 +178,7 @@ def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
                 t_e2, _ = graph_time([exp_fn(i) for i in range(R)])
                 fl_dense = 16.0 * T * C * C
                 fl_exp = fl_dense * TOP_K / N_EXPERTS
-                rows.append(dict(width=wname, C=C, scale=sname, S=S, T=T, dtype="bfloat16",
+                rows.append(dict(width=wname, C=C, scale=sname, S=S, T=T, dtype="bfloat16", path=expert_path(T),
                                  dense_us=t_d * 1e6, expert_us=t_e * 1e6, dense_us_rep=t_d2 * 1e6,
                                  expert_us_rep=t_e2 * 1e6, speedup=t_d / t_e,
                                  dense_TFLOPs=fl_dense / t_d / 1e12, expert_TFLOPs=fl_exp / t_e / 1e12,
@@ -266,11 +277,11 @@ def main():
     if "experts" in res:
         print("\nexpert FFN (bf16, N=16, K_w=12, routing included) vs dense FFN (F.linear+gelu+F.linear, cuBLAS)")
         print(f"{'width':5} {'scale':5} {'S':>4} {'T':>6} {'dense us':>9} {'expert us':>9} {'speedup':>7} "
-              f"{'dense TF/s':>10} {'exp TF/s':>9} {'exp %mm':>7}")
+              f"{'dense TF/s':>10} {'exp TF/s':>9} {'exp %mm':>7} {'path':>8}")
         for r in res["experts"]:
             print(f"{r['width']:5} {r['scale']:5} {r['S']:>4} {r['T']:>6} {r['dense_us']:9.1f} {r['expert_us']:9.1f} "
                   f"{r['speedup']:7.2f} {r['dense_TFLOPs']:10.0f} {r['expert_TFLOPs']:9.0f} "
-                  f"{100 * r['expert_frac_of_matmul']:6.1f}%")
+                  f"{100 * r['expert_frac_of_matmul']:6.1f}% {r['path']:>8}")
     print(f"\nJSON written to {os.path.abspath(args.json)}  (wall {res['wall_s']:.0f} s)")
 
 

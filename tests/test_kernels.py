@@ -248,16 +248,25 @@ def test_invalid_arguments(dev, K):
     assert K.expert_ffn_workspace_size(0, 64, 256, 16, 12, torch.float16) == 0
 
 
-@pytest.mark.parametrize("forced", [{"ACTVAR_MASKED_DENSE_MAX_T": "0"},
-                                    {"ACTVAR_MASKED_DENSE_MAX_T": "1000000"},
-                                    {"ACTVAR_FC2_CFG": "11"},
-                                    {"ACTVAR_FC2_CFG": "12", "ACTVAR_FC1_CFG": "12"}],
-                         ids=["routed", "masked_dense", "fc2_tma_256", "tma_pingpong"])
+ROUTED = {"ACTVAR_DENSE_MAX_T": "0", "ACTVAR_MASKED_DENSE_MAX_T": "0"}
+
+
+@pytest.mark.parametrize("forced", [ROUTED,
+                                    {"ACTVAR_DENSE_MAX_T": "1000000"},
+                                    {"ACTVAR_MASKED_DENSE_MAX_T": "1000000", "ACTVAR_DISABLE_CUBLASLT": "1"},
+                                    {**ROUTED, "ACTVAR_FC2_CFG": "11"},
+                                    {"ACTVAR_DENSE_MAX_T": "0", "ACTVAR_FC2_CFG": "12", "ACTVAR_FC1_CFG": "12"},
+                                    {**ROUTED, "ACTVAR_FC1_CFG": "11"},
+                                    {**ROUTED, "ACTVAR_FC1_CFG": "4"}],
+                         ids=["routed", "dense_cublaslt", "masked_dense_own", "fc2_tma_256", "tma_pingpong",
+                              "fc1_gather_tma_coop", "fc1_gather_cp_async"])
 def test_expert_ffn_both_paths(dev, forced):
     """Every Hopper path must meet the reference on every expert shape: rerun the expert tests with the routed
-    path forced for all T, the small-T masked-dense path forced for all T, the TMA fc2 kernel with 128 x 256
-    tiles everywhere (partial column tiles at C = 1920), and the ping-pong TMA kernel for fc2 and the
-    masked-dense fc1. The settings are read once per process, hence a child process."""
+    path forced for all T, the dense path forced for all T (cuBLASLt GEMMs; and the plugin's own
+    masked-dense kernels with cuBLASLt disabled), the TMA fc2 kernel with 128 x 256
+    tiles everywhere (partial column tiles at C = 1920), the ping-pong TMA kernel for fc2 and for both fc1s
+    (gathered rows by a cp.async producer), the cooperative TMA kernel for the gathered fc1, and the
+    2-CTA-per-SM cp.async kernel for it. The settings are read once per process, hence a child process."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
@@ -265,3 +274,17 @@ def test_expert_ffn_both_paths(dev, forced):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "gpu", __file__,
                         "-k", "expert_ffn and not both_paths"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_small_t_dense_path_uses_cublaslt(dev):
+    """On the device (ACTVAR_REQUIRE_PLUGINS=1, torch's CUDA 13 cuBLASLt present) the small-T dense path must
+    actually run through cuBLASLt, so that the expert tests above exercise it (else they would silently test the
+    fallback): built with the header (not -1) and opened (1), unless disabled on purpose."""
+    from actvar_export import kernels
+    state = kernels.expert_ffn_uses_cublaslt()
+    if os.environ.get("ACTVAR_DISABLE_CUBLASLT", "0") not in ("", "0"):
+        assert state == 0
+    elif os.environ.get("ACTVAR_REQUIRE_PLUGINS"):
+        assert state == 1, f"cuBLASLt state {state} (-1: built without cublasLt.h, 0: libcublasLt.so.13 not opened)"
+    else:
+        assert state in (-1, 0, 1)

@@ -10,13 +10,15 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTS = ["actvarTopkAscending", "actvarTokenSelect", "actvarTokenGather", "actvarTokenScatter",
-           "actvarExpertRoute", "actvarExpertFfn", "actvarExpertFfnWorkspaceSize", "actvarPluginsVersion"]
+           "actvarExpertRoute", "actvarExpertFfn", "actvarExpertFfnWorkspaceSize", "actvarPluginsVersion",
+           "actvarExpertFfnCublasLt"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,8 @@ def built_lib(tmp_path_factory):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not on PATH: cannot build the CUDA plugins here")
     build = tmp_path_factory.mktemp("plugins_build")
-    cfg = ["cmake", "-S", str(ROOT / "plugins"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+    cfg = ["cmake", "-S", str(ROOT / "plugins"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+           f"-DPython3_EXECUTABLE={sys.executable}"]   # (finds the nvidia-cublas wheel's cublasLt.h)
     archs = os.environ.get("ACTVAR_PLUGIN_ARCHS")
     if archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
@@ -93,3 +96,23 @@ def test_binding_reports_missing_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), env=env,
                        timeout=300)
     assert r.returncode == 0 and "missing:" in r.stdout, r.stderr[-2000:]
+
+
+def _wheel_cublaslt_header() -> bool:
+    try:
+        import nvidia  # namespace package of NVIDIA's CUDA wheels (nvidia-cublas: test extra)
+    except ImportError:
+        return False
+    return any((Path(p) / "cu13" / "include" / "cublasLt.h").is_file() for p in nvidia.__path__)
+
+
+def test_cublaslt_path_compiled_when_header_present(built_lib):
+    # the dense small-T path (dense_lt.cu) must be compiled, not stubbed, wherever cublasLt.h is available
+    # (the test extra installs nvidia-cublas for it); -1 = built without the header
+    lib = ctypes.CDLL(str(built_lib))
+    lib.actvarExpertFfnCublasLt.restype = ctypes.c_int
+    state = lib.actvarExpertFfnCublasLt()
+    if _wheel_cublaslt_header():
+        assert state in (0, 1), "cublasLt.h is installed but the library was built without the cuBLASLt path"
+    else:
+        assert state in (-1, 0, 1)

@@ -1,8 +1,9 @@
 // ActVAR expert routing and expert FFN on slices of the dense FFN weights.
 //
 // Pipeline (all on one stream, no host synchronisation):
-//  1. route:  per-token top-k over logits -> experts [T, k] (ascending ids, ties to the lower id)
-//  2. count:  per-token 64-bit membership mask and per-chunk (256 tokens) expert counts
+//  1. route:  per-token top-k over logits -> experts [T, k] (ascending ids, ties to the lower id) and the
+//             per-token 64-bit membership mask
+//  2. count:  per-chunk (256 tokens) expert counts (fused into 1 when N <= 16)
 //  3. lists:  stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending
 //  4. zero:   H[token, e*d : (e+1)*d] = 0 for the unchosen (token, expert) pairs
 //  5. fc1:    grouped GEMM over (expert, tile of its chosen tokens): A rows gathered on the fly from h,
@@ -12,6 +13,7 @@
 //             few output tiles: split-K into fp32 partials + a reduction kernel that adds b2
 #include <cstdlib>
 
+#include "dense_lt.h"
 #include "gemm_common.cuh"
 
 namespace actvar {
@@ -20,19 +22,15 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // routing helpers
 // ------------------------------------------------------------------------------------------------
-// Tokens are processed in chunks of 256 (one block each). Pass 1: membership bits and per-chunk expert counts.
+// Tokens are processed in chunks of 256 (one block each). Pass 1: per-chunk expert counts from the
+// membership bits (routeBitsKernel).
 constexpr int kChunk = 256;
-__global__ void __launch_bounds__(kChunk) expertCountKernel(const int32_t* __restrict__ experts,
-                                                            unsigned long long* __restrict__ bits,
-                                                            int32_t* __restrict__ chunkCounts, int T, int k, int N) {
+__global__ void __launch_bounds__(kChunk) expertCountKernel(const unsigned long long* __restrict__ bits,
+                                                            int32_t* __restrict__ chunkCounts, int T, int N) {
     __shared__ int warpCnt[kChunk / 32][ACTVAR_MAX_EXPERTS];
     const int t = blockIdx.x * kChunk + threadIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    unsigned long long b = 0;
-    if (t < T) {
-        for (int j = 0; j < k; ++j) b |= 1ull << experts[(size_t)t * k + j];
-        bits[t] = b;
-    }
+    const unsigned long long b = t < T ? bits[t] : 0ull;
     for (int e = 0; e < N; ++e) {
         const unsigned bal = __ballot_sync(0xFFFFFFFFu, (b >> e) & 1ull);
         if (lane == 0) warpCnt[warp][e] = __popc(bal);
@@ -45,24 +43,29 @@ __global__ void __launch_bounds__(kChunk) expertCountKernel(const int32_t* __res
     }
 }
 
-// Pass 2: stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending.
+// Pass 2: stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending. The block's
+// offsets (chosen tokens of earlier chunks) are summed by all 256 threads, 256 / N partial sums per expert.
 __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long long* __restrict__ bits,
                                                             const int32_t* __restrict__ chunkCounts,
                                                             int32_t* __restrict__ lists, int32_t* __restrict__ counts,
                                                             int T, int N, int numChunks) {
     __shared__ int warpCnt[kChunk / 32][ACTVAR_MAX_EXPERTS];
-    __shared__ int offs[ACTVAR_MAX_EXPERTS];
+    __shared__ int offs[ACTVAR_MAX_EXPERTS], tots[ACTVAR_MAX_EXPERTS];
     const int t = blockIdx.x * kChunk + threadIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (threadIdx.x < N) {
-        const int e = threadIdx.x;
-        int o = 0;
-        for (int c = 0; c < blockIdx.x; ++c) o += chunkCounts[c * N + e];
-        offs[e] = o;
-        if (blockIdx.x == 0) {
-            int tot = 0;
-            for (int c = 0; c < numChunks; ++c) tot += chunkCounts[c * N + e];
-            counts[e] = tot;
+    if (threadIdx.x < N) offs[threadIdx.x] = tots[threadIdx.x] = 0;
+    __syncthreads();
+    {
+        const int parts = kChunk / N, e = threadIdx.x % N, part = threadIdx.x / N;
+        if (part < parts) {
+            int o = 0;
+            for (int c = part; c < blockIdx.x; c += parts) o += chunkCounts[c * N + e];
+            if (o) atomicAdd(&offs[e], o);
+            if (blockIdx.x == 0) {
+                int tot = 0;
+                for (int c = part; c < numChunks; c += parts) tot += chunkCounts[c * N + e];
+                if (tot) atomicAdd(&tots[e], tot);
+            }
         }
     }
     const unsigned long long b = t < T ? bits[t] : 0ull;
@@ -71,6 +74,7 @@ __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long 
         if (lane == 0) warpCnt[warp][e] = __popc(bal);
     }
     __syncthreads();
+    if (blockIdx.x == 0 && threadIdx.x < N) counts[threadIdx.x] = tots[threadIdx.x];
     for (int e = 0; e < N; ++e) {
         const bool chosen = (b >> e) & 1ull;
         const unsigned bal = __ballot_sync(0xFFFFFFFFu, chosen);
@@ -79,6 +83,49 @@ __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long 
             for (int w = 0; w < warp; ++w) pos += warpCnt[w][e];
             lists[(size_t)e * T + pos] = t;
         }
+    }
+}
+
+// Routing for N <= 16 experts, one thread per token (the logits row in registers): expert e's rank = number of
+// experts with a larger key, or an equal key and a lower id (ties to the lower id, as actvarTopkAscending);
+// writes the chosen ids ascending and the membership mask, and, per block of kChunk tokens, the expert counts
+// (pass 1 of the counting sort).
+constexpr int kRouteMaxN = 16;
+__global__ void __launch_bounds__(kChunk) routeCountKernel(const float* __restrict__ logits,
+                                                           int32_t* __restrict__ experts,
+                                                           unsigned long long* __restrict__ bits,
+                                                           int32_t* __restrict__ chunkCounts, int T, int N, int k) {
+    __shared__ int warpCnt[kChunk / 32][kRouteMaxN];
+    const int t = blockIdx.x * kChunk + threadIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned b = 0;
+    if (t < T) {
+        uint32_t key[kRouteMaxN];
+#pragma unroll
+        for (int e = 0; e < kRouteMaxN; ++e) key[e] = e < N ? orderedKey(logits[(size_t)t * N + e]) : 0u;
+        int n = 0;
+#pragma unroll
+        for (int e = 0; e < kRouteMaxN; ++e) {
+            int r = 0;
+#pragma unroll
+            for (int j = 0; j < kRouteMaxN; ++j)
+                r += j < N && (key[j] > key[e] || (key[j] == key[e] && j < e));
+            if (e < N && r < k) {
+                b |= 1u << e;
+                experts[(size_t)t * k + n++] = e;
+            }
+        }
+        bits[t] = b;
+    }
+    for (int e = 0; e < N; ++e) {
+        const unsigned bal = __ballot_sync(0xFFFFFFFFu, (b >> e) & 1u);
+        if (lane == 0) warpCnt[warp][e] = __popc(bal);
+    }
+    __syncthreads();
+    if (threadIdx.x < N) {
+        int c = 0;
+        for (int w = 0; w < kChunk / 32; ++w) c += warpCnt[w][threadIdx.x];
+        chunkCounts[blockIdx.x * N + threadIdx.x] = c;
     }
 }
 
@@ -105,6 +152,38 @@ __global__ void routeBitsKernel(const float* __restrict__ logits, int32_t* __res
     if ((lo >> lane) & 1u) experts[(size_t)t * k + __popc(lo & below)] = lane;
     if ((hi >> lane) & 1u) experts[(size_t)t * k + __popc(lo) + __popc(hi & below)] = lane + 32;
     if (lane == 0) bits[t] = (unsigned long long)lo | ((unsigned long long)hi << 32);
+}
+
+// Dense small-T path (after a dense fc1 over all hidden units): routing as routeBitsKernel, one warp per token,
+// then the warp zeroes the token's unchosen slices H[t, e*d : (e+1)*d] (vectors of V, sliceBytes % sizeof(V) == 0).
+template <typename V>
+__global__ void routeZeroKernel(const float* __restrict__ logits, int32_t* __restrict__ experts,
+                                char* __restrict__ H, int T, int N, int k, int64_t ldhBytes, int64_t sliceBytes) {
+    const int t = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (t >= T) return;
+    const float* row = logits + (size_t)t * N;
+    const uint32_t k0 = lane < N ? orderedKey(row[lane]) : 0u, k1 = lane + 32 < N ? orderedKey(row[lane + 32]) : 0u;
+    int r0 = 0, r1 = 0;
+    for (int j = 0; j < N; ++j) {
+        const uint32_t kj = __shfl_sync(0xFFFFFFFFu, j < 32 ? k0 : k1, j & 31);
+        r0 += (kj > k0) || (kj == k0 && j < lane);
+        r1 += (kj > k1) || (kj == k1 && j < lane + 32);
+    }
+    const unsigned lo = __ballot_sync(0xFFFFFFFFu, lane < N && r0 < k);
+    const unsigned hi = __ballot_sync(0xFFFFFFFFu, lane + 32 < N && r1 < k);
+    const unsigned below = (1u << lane) - 1u;
+    if ((lo >> lane) & 1u) experts[(size_t)t * k + __popc(lo & below)] = lane;
+    if ((hi >> lane) & 1u) experts[(size_t)t * k + __popc(lo) + __popc(hi & below)] = lane + 32;
+    unsigned long long off = ~((unsigned long long)lo | ((unsigned long long)hi << 32));
+    if (N < 64) off &= (1ull << N) - 1ull;
+    const int nv = (int)(sliceBytes / (int64_t)sizeof(V));
+    const V z{};
+    while (off) {
+        const int e = __ffsll((long long)off) - 1;
+        off &= off - 1ull;
+        V* dst = reinterpret_cast<V*>(H + (int64_t)t * ldhBytes + (int64_t)e * sliceBytes);
+        for (int c = lane; c < nv; c += 32) dst[c] = z;
+    }
 }
 
 // Zeros in H[t, e*d : (e+1)*d] for the (token, expert) pairs not chosen (fc1 writes the chosen ones):
@@ -395,16 +474,22 @@ bool useWgmma() {
 }
 #endif
 
-#if defined(ACTVAR_HAVE_SM90A)
-// Token count up to which the masked-dense path is used (ACTVAR_MASKED_DENSE_MAX_T overrides; 0 disables it).
-int maskedDenseMaxTokens() {
-    static const int v = [] {
-        const char* e = std::getenv("ACTVAR_MASKED_DENSE_MAX_T");
-        return e ? std::atoi(e) : 512;
-    }();
+// Token counts up to which the dense paths run (0 disables a path): the cuBLASLt dense path up to
+// ACTVAR_DENSE_MAX_T (default 8192: on the H100 it measured faster than the routed path at 4064 and 6144 tokens
+// and no faster from 16256 on, docs/benchmarks.md), the plugin's own masked-dense kernels (Hopper without
+// cuBLASLt) up to ACTVAR_MASKED_DENSE_MAX_T (default 512).
+int envInt(const char* name, int dflt) {
+    const char* e = std::getenv(name);
+    return e ? std::atoi(e) : dflt;
+}
+int denseMaxTokens() {
+    static const int v = envInt("ACTVAR_DENSE_MAX_T", 8192);
     return v;
 }
-#endif
+int maskedDenseMaxTokens() {
+    static const int v = envInt("ACTVAR_MASKED_DENSE_MAX_T", 512);
+    return v;
+}
 
 template <typename T, bool GELU>
 cudaError_t launchGemm(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t stream, int numSms) {
@@ -470,7 +555,7 @@ __global__ void splitReduceKernel(const float* __restrict__ partial, const T* __
 }
 
 struct WsLayout {
-    size_t experts, bits, counts, chunkCounts, lists, hidden, partial, total;
+    size_t experts, bits, counts, chunkCounts, lists, hidden, partial, lt, total;
 };
 WsLayout wsLayout(int T, int C, int hidden, int N, int top_k, size_t es) {
     WsLayout w{};
@@ -484,6 +569,7 @@ WsLayout wsLayout(int T, int C, int hidden, int N, int top_k, size_t es) {
     w.hidden = take((size_t)T * hidden * es);
     const int split = es == 2 ? fc2SplitK(T, C, hidden) : 1;
     w.partial = take(split > 1 ? (size_t)split * T * C * sizeof(float) : 0);
+    w.lt = take(es == 2 ? kLtWorkspaceBytes : 0);   // cuBLASLt's workspace (dense small-T path)
     w.total = off;
     return w;
 }
@@ -538,8 +624,35 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
 
     cudaError_t e = cudaSuccess;
+    const int64_t sliceBytes = (int64_t)d * sizeof(T), ldhBytes = (int64_t)hidden * sizeof(T);
+    char* Hb = reinterpret_cast<char*>(H);
+    const bool v16 = sliceBytes % 16 == 0 && ldhBytes % 16 == 0;
+    // Small and medium T, any GPU with cuBLASLt: dense path. fc1 + b1 + GELU over all hidden units and fc2 + b2 as cuBLASLt
+    // GEMMs with fused epilogues; between them one kernel routes (one warp per token) and zeroes each token's
+    // unchosen slices of H. Three launches, like the dense FFN (whose middle one, GELU, reads and writes all of
+    // H; this one writes a quarter). Same result as the routed path up to fp32 summation order.
+    if constexpr (!std::is_same<T, float>::value) {
+        if (Tn <= denseMaxTokens() && ltAvailable()) {
+            const int dt = std::is_same<T, __half>::value ? ACTVAR_DTYPE_FLOAT16 : ACTVAR_DTYPE_BFLOAT16;
+            void* lws = ws + L.lt;
+            e = ltGemmNT(dt, h, C, w1, C, b1, H, hidden, Tn, hidden, C, true, lws, kLtWorkspaceBytes, stream);
+            if (e == cudaSuccess) {
+                const dim3 grid((Tn + 7) / 8), block(256);
+                if (v16)
+                    routeZeroKernel<uint4><<<grid, block, 0, stream>>>(logits, experts, Hb, Tn, N, k, ldhBytes,
+                                                                        sliceBytes);
+                else
+                    routeZeroKernel<T><<<grid, block, 0, stream>>>(logits, experts, Hb, Tn, N, k, ldhBytes,
+                                                                    sliceBytes);
+                if ((e = cudaGetLastError()) != cudaSuccess) return e;
+                return ltGemmNT(dt, H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, kLtWorkspaceBytes,
+                                stream);
+            }
+            if (e != cudaErrorNotSupported) return e;
+        }
+    }
 #if defined(ACTVAR_HAVE_SM90A)
-    // Small T (launch- and latency-bound): masked-dense path. Routing in one kernel, fc1 over all hidden units
+    // Small T (launch- and latency-bound), Hopper without cuBLASLt: masked-dense path. Routing in one kernel, fc1 over all hidden units
     // with GELU and the (token, expert) mask applied in the epilogue (unchosen slices become exact zeros), fc2
     // as in the routed path. Same result as the routed path, 3-4 launches instead of 7; it spends the 25 %
     // of fc1 FLOPs that routing would save, which at these sizes costs less than the routing kernels.
@@ -563,26 +676,19 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
         }
     }
 #endif
-    const int64_t sliceBytes = (int64_t)d * sizeof(T), ldhBytes = (int64_t)hidden * sizeof(T);
-    char* Hb = reinterpret_cast<char*>(H);
-    const bool v16 = sliceBytes % 16 == 0 && ldhBytes % 16 == 0;
     {
-        if ((e = actvarTopkAscending(logits, experts, Tn, N, k, stream)) != cudaSuccess) return e;
         const int numChunks = (Tn + kChunk - 1) / kChunk;
         auto* chunkCounts = reinterpret_cast<int32_t*>(ws + L.chunkCounts);
-        expertCountKernel<<<numChunks, kChunk, 0, stream>>>(experts, bits, chunkCounts, Tn, k, N);
+        if (N <= kRouteMaxN) {
+            routeCountKernel<<<numChunks, kChunk, 0, stream>>>(logits, experts, bits, chunkCounts, Tn, N, k);
+        } else {
+            routeBitsKernel<<<(Tn + 7) / 8, 256, 0, stream>>>(logits, experts, bits, Tn, N, k);
+            if ((e = cudaGetLastError()) != cudaSuccess) return e;
+            expertCountKernel<<<numChunks, kChunk, 0, stream>>>(bits, chunkCounts, Tn, N);
+        }
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
         expertListsKernel<<<numChunks, kChunk, 0, stream>>>(bits, chunkCounts, lists, counts, Tn, N, numChunks);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
-        if (k < N) {  // zeros for the unchosen (token, expert) slices of H (disjoint from what fc1 writes)
-            const int64_t vecs = (int64_t)Tn * (N - k) * (sliceBytes / (v16 ? 16 : (int64_t)sizeof(T)));
-            const int blocks = (int)std::min<int64_t>((vecs + 255) / 256, (int64_t)sms * 16);
-            if (v16)
-                zeroUnchosenKernel<uint4><<<blocks, 256, 0, stream>>>(bits, Hb, Tn, N, N - k, ldhBytes, sliceBytes);
-            else
-                zeroUnchosenKernel<T><<<blocks, 256, 0, stream>>>(bits, Hb, Tn, N, N - k, ldhBytes, sliceBytes);
-            if ((e = cudaGetLastError()) != cudaSuccess) return e;
-        }
     }
 
     // fc1 + b1 + GELU over each expert's chosen tokens, written to H in token order
@@ -595,6 +701,15 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     p1.groupN = d;
     p1.rowIdx = lists; p1.rowIdxStride = Tn;
     p1.counts = counts;
+    if (k < N) {  // zeros for the unchosen (token, expert) slices of H (disjoint from what fc1 writes)
+        const int64_t vecs = (int64_t)Tn * (N - k) * (sliceBytes / (v16 ? 16 : (int64_t)sizeof(T)));
+        const int blocks = (int)std::min<int64_t>((vecs + 255) / 256, (int64_t)sms * 16);
+        if (v16)
+            zeroUnchosenKernel<uint4><<<blocks, 256, 0, stream>>>(bits, Hb, Tn, N, N - k, ldhBytes, sliceBytes);
+        else
+            zeroUnchosenKernel<T><<<blocks, 256, 0, stream>>>(bits, Hb, Tn, N, N - k, ldhBytes, sliceBytes);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
     if ((e = launchGemm<T, true>(p1, N, Tn, stream, sms)) != cudaSuccess) return e;
 
     return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);
@@ -609,6 +724,14 @@ extern "C" cudaError_t actvarExpertRoute(const float* logits, int32_t* experts, 
                                          cudaStream_t stream) {
     if (T < 0 || N < 1 || N > ACTVAR_MAX_EXPERTS || top_k < 1 || top_k > N) return cudaErrorInvalidValue;
     return actvarTopkAscending(logits, experts, T, N, top_k, stream);
+}
+
+extern "C" int actvarExpertFfnCublasLt(void) {
+#if defined(ACTVAR_HAVE_CUBLASLT)
+    return ltAvailable() ? 1 : 0;
+#else
+    return -1;
+#endif
 }
 
 extern "C" size_t actvarExpertFfnWorkspaceSize(int T, int C, int hidden, int N, int top_k, int dtype) {

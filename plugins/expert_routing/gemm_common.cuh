@@ -46,6 +46,8 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
 // Warp-specialised, TMA-fed persistent variant (gemm_sm90_ws.cu); cfg 11-13 pick the tiling. Same fallback rule.
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream);
+// The tile configuration forced through ACTVAR_FC1_CFG (gelu) / ACTVAR_FC2_CFG, 0 = automatic (gemm_sm90.cu).
+int gemmSm90CfgOverride(bool gelu);
 #endif
 
 }  // namespace actvar

@@ -27,7 +27,7 @@ template <int BN, int kStages>
 constexpr int smemBytes() { return kStages * (kBM + BN) * kBK * 2 + 1024; }  // + alignment slack
 
 template <typename T, int BN, int kStages, bool GELU, bool KEEP1 = true>
-__global__ void __launch_bounds__(kThreads, 1) gemmWgmmaKernel(GemmArgs<T> p) {
+__global__ void __launch_bounds__(kThreads, (BN == 128 && kStages == 3) ? 2 : 1) gemmWgmmaKernel(GemmArgs<T> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
     constexpr int A_CH = kBM * 8 / kThreads;   // 16-byte chunks per thread
@@ -153,10 +153,16 @@ cudaError_t launchBn(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t st
 
 }  // namespace
 
+int gemmSm90CfgOverride(bool gelu) {
+    static const int cfgEnv[2] = {[] { const char* v = std::getenv("ACTVAR_FC2_CFG"); return v ? std::atoi(v) : 0; }(),
+                                  [] { const char* v = std::getenv("ACTVAR_FC1_CFG"); return v ? std::atoi(v) : 0; }()};
+    return cfgEnv[gelu ? 1 : 0];
+}
+
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
     const bool ok = p.K % kBK == 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.N % 2 == 0 && p.groupN % 2 == 0 &&
-                    (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 &&
+                    (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 && (uintptr_t)p.bias % 4 == 0 &&
                     p.ldd % 2 == 0 && ((int64_t)p.groupN * p.ldb) % 8 == 0 && p.K > 0 &&
                     (p.kSplit <= 1 || (groups == 1 && !p.rowIdx && !p.counts && p.partial && !GELU)) &&
                     (!p.rowMask || (p.maskCols % 2 == 0 && p.kSplit <= 1));
@@ -165,21 +171,21 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     // tile config: ACTVAR_FC1_CFG / ACTVAR_FC2_CFG (GELU = fc1) = 0 auto, 1: 128x256 4 stages,
     // 2: 128x128 4 stages, 3: 128x128 3 stages (two CTAs per SM), 4: as 3 with prefetch distance 2 and
     // no wgmma group kept in flight, 8: 128x128 6 stages, 9: 128x64 4 stages, 10: 128x64 8 stages -- for measurements
-    static const int cfgEnv[2] = {[] { const char* v = std::getenv("ACTVAR_FC2_CFG"); return v ? std::atoi(v) : 0; }(),
-                                  [] { const char* v = std::getenv("ACTVAR_FC1_CFG"); return v ? std::atoi(v) : 0; }()};
-    int cfg = cfgEnv[GELU ? 1 : 0];
+    int cfg = gemmSm90CfgOverride(GELU);
     if (p.kSplit > 1 && cfg == 1) cfg = 2;
     // Grids smaller than the GPU are latency-bound (each k-step waits for its loads): more CTAs and deeper
     // prefetch. 8: 128x128, 6 stages (prefetch 4) for split-K; 9: 128x64, 4 stages, two CTAs per SM, for fc1;
     // 10: 128x64, 8 stages (prefetch 6) when those tiles fit in one wave of one CTA per SM.
-    // 11-14: warp-specialised TMA kernels, un-gathered A only (11: cooperative 128x256, 12: ping-pong 128x128,
-    // 6 stages, 14: cooperative 128x192).
+    // 11-14: warp-specialised TMA kernels (11: cooperative 128x256, 12: ping-pong 128x128, 6 stages,
+    // 14: cooperative 128x192; gathered A only with GELU).
     const int64_t tiles128 = (int64_t)groups * ((maxM + kBM - 1) / kBM) * ((p.N + 127) / 128) * std::max(p.kSplit, 1);
     if (cfg == 0 && p.kSplit > 1) cfg = 8;
-    // Grids that fill the GPU, un-gathered A (fc2): the warp-specialised TMA kernel (gemm_sm90_ws.cu),
-    // cooperative 128 x 256 (or 128 x 192) tiles; ping-pong 128 x 128 if GELU. The routed fc1 (gathered rows)
-    // and the masked-dense fc1 stay on this file's kernels, which measured faster (plugins/NOTES.md, v10-v11).
-    if (cfg == 0 && tiles128 >= numSms && !p.rowIdx && !p.rowMask) cfg = GELU ? 12 : (p.N % 256 != 0 && p.N % 192 == 0 ? 14 : 11);
+    // Grids that fill the GPU: the warp-specialised TMA kernel (gemm_sm90_ws.cu), cooperative 128 x 256 tiles
+    // (128 x 192 for un-gathered A when N is a multiple of 192 but not of 256), for fc2 and for the routed fc1
+    // (gathered rows through its cp.async producer). The masked-dense fc1 stays on this file's kernels
+    // (plugins/NOTES.md, v10-v13).
+    if (cfg == 0 && tiles128 >= numSms && !p.rowMask && (GELU || !p.rowIdx))
+        cfg = !p.rowIdx && p.N % 256 != 0 && p.N % 192 == 0 ? 14 : 11;
     if (cfg == 11 || cfg == 12 || cfg == 14) {
         const cudaError_t e = launchGemmSm90Ws<T, GELU>(p, groups, maxM, numSms, cfg, stream);
         if (e != cudaErrorNotSupported) return e;

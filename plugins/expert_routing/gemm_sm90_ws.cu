@@ -4,9 +4,11 @@
 // 384 threads = 3 warpgroups.
 //   warpgroup 0, producer (40 registers): one thread issues every load of the CTA's tiles into a ring of kStages
 //     128-byte-swizzled stages, one TMA box for A and one for B per stage; the stage's "full" mbarrier counts
-//     the bytes (expect_tx), no thread waits for a copy to land. A is not gathered (rowIdx null): gathered
-//     rows as 1-row TMA boxes were correct but 3-6x slower (TMA issue rate), and a cp.async producer for them
-//     no faster than gemm_sm90.cu's kernel (plugins/NOTES.md, v10, v11).
+//     the bytes (expect_tx), no thread waits for a copy to land.
+//     GATHER (A rows through rowIdx: fc1 of the routed path; 96 registers): the 128 producer threads load A with
+//     16-byte cp.async, each thread's arrival on "full" made by the hardware once its copies have landed
+//     (cp.async.mbarrier.arrive.noinc); B still by TMA. (Gathered rows as 1-row TMA boxes were correct but
+//     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.)
 //   warpgroups 1, 2, consumers (232 registers): wgmma on the stages, release each stage ("empty" mbarrier)
 //     once the wgmma group that read it has retired, then the epilogue (bias, GELU, mask), staged through an
 //     8 KB shared buffer per consumer into 16-byte row chunks (sm90_util.cuh).
@@ -78,7 +80,11 @@ __device__ __forceinline__ void tmaLoad2d(uint32_t dst, const CUtensorMap* map, 
         : "memory");
 }
 
-template <typename T, int BN, int kStages, bool GELU, bool COOP>
+__device__ __forceinline__ void cpAsyncArriveNoinc(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+template <typename T, int BN, int kStages, bool GELU, bool COOP, bool GATHER>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemmTmaWsKernel(GemmArgs<T> p, const __grid_constant__ CUtensorMap mapA, const __grid_constant__ CUtensorMap mapB,
                     int groups, int mTiles, int nTiles) {
@@ -94,7 +100,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (tid < groups) sCount[tid] = p.counts ? p.counts[tid] : p.M;
     if (tid == 0) {
         for (int s = 0; s < kStages; ++s) {
-            mbarInit(bars + 8 * s, 1);                            // the producer's expect_tx arrival
+            mbarInit(bars + 8 * s, GATHER ? 129 : 1);   // the expect_tx arrival (+ 128 cp.async arrivals)
             mbarInit(bars + 8 * (kStages + s), COOP ? 8 : 4);     // one lane per consuming warp
         }
         mbarInit(bars + 8 * (2 * kStages), 4);
@@ -107,6 +113,43 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
     if (wg == 0) {
         // ---------------- producer ----------------
+        if constexpr (GATHER) {
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 96;\n" ::: "memory");
+            const int ch = tid & 7, r0 = tid >> 3;   // 16-byte chunk ch of rows r0 + 16 i
+            const uint32_t dOff = (uint32_t)r0 * 128u + (uint32_t)((ch ^ (r0 & 7)) << 4);
+            if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
+            int pos = 0;
+            for (int L = blockIdx.x; L < total; L += gridDim.x) {
+                const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
+                const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
+                if (m0 >= M) continue;
+                const int32_t* rowIdx = p.rowIdx + g * p.rowIdxStride;
+                const T* aRow[kBM / 16];
+                uint32_t aOk = 0;
+#pragma unroll
+                for (int i = 0; i < kBM / 16; ++i) {
+                    const int m = m0 + r0 + 16 * i;
+                    aOk |= (m < M ? 1u : 0u) << i;
+                    aRow[i] = p.A + (int64_t)(m < M ? __ldg(rowIdx + m) : 0) * p.lda + ch * 8;
+                }
+                const int bRow = g * p.groupN + n0;
+                for (int kt = 0; kt < KT; ++kt, ++pos) {
+                    const int s = pos % kStages;
+                    mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
+                    const uint32_t st = sbase + (uint32_t)s * STAGE, full = bars + 8 * s;
+                    if (tid == 0) {
+                        mbarExpectTx(full, B_BYTES);
+                        tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
+                    }
+#pragma unroll
+                    for (int i = 0; i < kBM / 16; ++i)
+                        cpAsync16(st + dOff + i * 2048, aRow[i] + kt * kBK, (aOk >> i) & 1u);
+                    cpAsyncArriveNoinc(full);
+                }
+            }
+            asm volatile("cp.async.wait_all;\n" ::: "memory");
+            return;
+        }
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (tid != 0) return;
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapA)) : "memory");
@@ -130,7 +173,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     }
 
     // ---------------- consumers ----------------
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    if constexpr (GATHER) asm volatile("setmaxnreg.inc.sync.aligned.u32 200;\n" ::: "memory");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int cw = wg - 1;
     const int lane = tid & 31;
     const uint32_t myTurn = bars + 8 * (2 * kStages + cw), otherTurn = bars + 8 * (2 * kStages + 1 - cw);
@@ -152,6 +196,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         for (int kt = 0; kt < KT; ++kt) {
             const int pos = pos0 + kt, s = pos % kStages;
             mbarWait(bars + 8 * s, (pos / kStages) & 1);
+            if (GATHER) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async -> wgmma
             if (!COOP && kt == KT - 1 && lane == 0) mbarArrive(otherTurn);
             const uint32_t st = sbase + (uint32_t)s * STAGE;
             const uint64_t db = smemDesc(st + A_BYTES);
@@ -173,7 +218,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const auto sync = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory"); };
 #pragma unroll
         for (int u = 0; u < NSUB; ++u)
-            epilogueBlock64<T, BN, GELU>(p, acc[u], stg, tid & 127, m0 + rowBase + 64 * u, M, nullptr,
+            epilogueBlock64<T, BN, GELU>(p, acc[u], stg, tid & 127, m0 + rowBase + 64 * u, M,
+                                         GATHER ? p.rowIdx + g * p.rowIdxStride : nullptr,
                                          p.bias + (int64_t)g * p.groupN, p.D + (int64_t)g * p.groupN, n0, sync);
     }
 #endif
@@ -209,13 +255,13 @@ bool makeMap(CUtensorMap* map, const T* base, int64_t rows, int64_t cols, int64_
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BN, int S, bool GELU, bool COOP>
+template <typename T, int BN, int S, bool GELU, bool COOP, bool GATHER = false>
 cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
     CUtensorMap mapA, mapB;
     const int64_t rowsB = (int64_t)(groups - 1) * p.groupN + p.N;
     if (!makeMap<T>(&mapA, p.A, p.M, p.K, p.lda, kBM) || !makeMap<T>(&mapB, p.B, rowsB, p.K, p.ldb, BN))
         return cudaErrorNotSupported;
-    auto kern = gemmTmaWsKernel<T, BN, S, GELU, COOP>;
+    auto kern = gemmTmaWsKernel<T, BN, S, GELU, COOP, GATHER>;
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, wsSmemBytes<BN, S>());
     if (e != cudaSuccess) return e;
     const int mTiles = (maxM + kBM - 1) / kBM, nTiles = (p.N + BN - 1) / BN;
@@ -228,17 +274,22 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
 }  // namespace
 
 // cfg: 11 = cooperative 128 x 256, 4 stages; 12 = ping-pong 128 x 128, 6 stages; 14 = cooperative 128 x 192,
-// 5 stages (for N a multiple of 192 but not of 256, e.g. C = 1920). Launched as an ordinary (not programmatic
-// dependent) kernel. cudaErrorNotSupported outside the kernel's contract (gathered rows, split-K, misaligned,
-// > 2^31 elements, no driver entry point), so that the caller can fall back.
+// 5 stages (for N a multiple of 192 but not of 256, e.g. C = 1920). Gathered rows (rowIdx) only with GELU (fc1):
+// ping-pong for cfg 12, else cooperative 128 x 256. Launched as an ordinary (not programmatic dependent) kernel.
+// cudaErrorNotSupported outside the kernel's contract (split-K, misaligned, > 2^31 elements, no driver entry
+// point), so that the caller can fall back.
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream) {
-    const bool ok = p.kSplit <= 1 && !p.rowIdx && p.K % kBK == 0 && p.K > 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 &&
-                    (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 &&
+    const bool ok = p.kSplit <= 1 && (!p.rowIdx || GELU) && p.K % kBK == 0 && p.K > 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 &&
+                    (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 && (uintptr_t)p.bias % 4 == 0 &&
                     p.N % 2 == 0 && p.groupN % 2 == 0 && p.ldd % 2 == 0 && groups <= ACTVAR_MAX_EXPERTS &&
                     (!p.rowMask || p.maskCols % 2 == 0) && (int64_t)p.M * p.lda < ((int64_t)1 << 31) &&
-                    (int64_t)maxM * p.ldd < ((int64_t)1 << 31);
+                    (int64_t)maxM * p.ldd < ((int64_t)1 << 31) && (int64_t)p.M * p.ldd < ((int64_t)1 << 31);
     if (!ok) return cudaErrorNotSupported;
+    if constexpr (GELU) {   // fc1 over gathered rows (the routed path): cp.async producer for A
+        if (p.rowIdx && cfg == 12) return launchTmaWs<T, 128, 6, GELU, false, true>(p, groups, maxM, numSms, stream);
+        if (p.rowIdx) return launchTmaWs<T, 256, 4, GELU, true, true>(p, groups, maxM, numSms, stream);
+    }
     if (cfg == 12) return launchTmaWs<T, 128, 6, GELU, false>(p, groups, maxM, numSms, stream);
     if (cfg == 14) return launchTmaWs<T, 192, 5, GELU, true>(p, groups, maxM, numSms, stream);
     return launchTmaWs<T, 256, 4, GELU, true>(p, groups, maxM, numSms, stream);

@@ -59,28 +59,27 @@ __device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) 
 // global stores are 16-byte row chunks instead of the accumulator layout's scattered 4-byte pairs.
 // m64nBNk16 accumulators: thread t (warp w = t / 32, lane l) holds for each n8 block j rows 16w + l/4
 // (regs 4j, 4j+1) and 16w + l/4 + 8 (regs 4j+2, 4j+3), columns 8j + 2(l%4) + {0,1}.
-// Per 64 columns: every thread writes its pairs, epi(h, col, v0, v1) -> packed pair (h: which of its two
-// rows), into `stg` (64 rows x 128 bytes = 8 KB, 16-byte chunks XOR-swizzled by row so that neither phase
-// has bank conflicts), sync(), then reads 16-byte chunks back row-wise and hands them to
-// store(i, col, chunk) (i: which of its 4 rows, rows (t + 128 i) / 8), sync() before the buffer is reused.
-template <int BN, class Epi, class Store, class Sync>
-__device__ __forceinline__ void stagedEpilogue64(const float* acc, uint32_t stg, int t, Epi epi, Store store,
-                                                 Sync sync) {
+// Per 64 columns q: compute(q, pk) fills the thread's 16 packed pairs (pk[2 jj + h]: n8 block 8q + jj, row h;
+// arithmetic and its own loads only, so that nothing waits on memory between the shared stores), which are
+// written into `stg` (64 rows x 128 bytes = 8 KB, 16-byte chunks XOR-swizzled by row so that neither phase has
+// bank conflicts), sync(), then read back row-wise as 16-byte chunks and handed to store(i, col, chunk) (i: which
+// of its 4 rows, rows (t + 128 i) / 8), sync() before the buffer is reused.
+template <int BN, class Compute, class Store, class Sync>
+__device__ __forceinline__ void stagedEpilogue64(uint32_t stg, int t, Compute compute, Store store, Sync sync) {
     static_assert(BN % 64 == 0, "column chunks of 64");
     const int wl = t >> 5, lane = t & 31;
 #pragma unroll
     for (int q = 0; q < BN / 64; ++q) {
+        uint32_t pk[16];
+        compute(q, pk);
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-            const int j = 8 * q + jj;
+        for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = 16 * wl + (lane >> 2) + 8 * h;
-                const uint32_t v = epi(h, 8 * j + 2 * (lane & 3), acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
                 const uint32_t a = stg + row * 128 + ((jj ^ (row & 7)) << 4) + (lane & 3) * 4;
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v) : "memory");
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(pk[2 * jj + h]) : "memory");
             }
-        }
         sync();
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -111,40 +110,82 @@ __device__ __forceinline__ void storeChunk8(T* dst, int n, int N, uint4 v) {
         if (n + 2 * k < N) *reinterpret_cast<uint32_t*>(dst + 2 * k) = w[k];
 }
 
+// A packed pair of fp16 / bf16 values as two floats.
+template <typename T>
+__device__ __forceinline__ float2 unpackPair(uint32_t v) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+    } else {
+        __half2 h = *reinterpret_cast<__half2*>(&v);
+        return __half22float2(h);
+    }
+}
+
 // The GEMM epilogue of one warpgroup's 64-row block (tile rows mb .. mb + 63, of which rows < M exist):
 // + bias, optional GELU, optional expert mask (p.rowMask, p.maskCols), written through stagedEpilogue64 to
-// D[row] with row = rowIdx[m] (gathered rows) or m. D and bias are already offset to the group's columns.
+// D[row] with row = rowIdx[m] (gathered rows) or m. D and bias are already offset to the group's columns
+// (bias 4-byte aligned: the launchers check it). The rows' mask bits are turned into one keep bit per n8 block
+// up front; each 64-column chunk loads its 8 bias pairs together before any arithmetic.
 template <typename T, int BN, bool GELU, class Sync>
 __device__ __forceinline__ void epilogueBlock64(const GemmArgs<T>& p, const float* acc, uint32_t stg, int t, int mb,
                                                 int M, const int32_t* rowIdx, const T* bias, T* D, int n0,
                                                 Sync sync) {
-    const int wl = t >> 5, lane = t & 31;
-    unsigned long long keep[2];
+    constexpr int NJ = BN / 8;
+    static_assert(NJ <= 32, "one keep bit per n8 block in 32 bits");
+    const int wl = t >> 5, lane = t & 31, c2 = 2 * (lane & 3);
+    // expert mask: bit j of keepJ[h] = column pair (n0 + 8j + c2, +1) of row h kept (one expert: maskCols even)
+    uint32_t keepJ[2] = {~0u, ~0u};
+    if (p.rowMask) {
+        unsigned long long keep[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
-        keep[h] = (p.rowMask && m < M) ? p.rowMask[rowIdx ? rowIdx[m] : m] : ~0ull;
+        for (int h = 0; h < 2; ++h) {
+            const int m = mb + wl * 16 + (lane >> 2) + 8 * h;
+            keep[h] = m < M ? __ldg(p.rowMask + (rowIdx ? __ldg(rowIdx + m) : m)) : ~0ull;
+        }
+        int e = (n0 + c2) / p.maskCols, nextB = (e + 1) * p.maskCols;
+        keepJ[0] = keepJ[1] = 0u;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int n = n0 + 8 * j + c2;
+            while (n >= nextB) { ++e; nextB += p.maskCols; }
+            if (e < 64) {   // (columns beyond the last expert are never stored)
+                keepJ[0] |= (uint32_t)((keep[0] >> e) & 1ull) << j;
+                keepJ[1] |= (uint32_t)((keep[1] >> e) & 1ull) << j;
+            }
+        }
     }
+    auto compute = [&](int q, uint32_t(&pk)[16]) {
+        uint32_t bpair[8];
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+            const int n = n0 + 64 * q + 8 * jj + c2;
+            bpair[jj] = n < p.N ? __ldg(reinterpret_cast<const unsigned int*>(bias + n)) : 0u;
+        }
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+            const int j = 8 * q + jj;
+            const float2 b = unpackPair<T>(bpair[jj]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float v0 = acc[4 * j + 2 * h] + b.x, v1 = acc[4 * j + 2 * h + 1] + b.y;
+                if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
+                if (!((keepJ[h] >> j) & 1u)) { v0 = 0.f; v1 = 0.f; }
+                pk[2 * jj + h] = Pack<T>::pair(v0, v1);   // columns >= N: never stored
+            }
+        }
+    };
     int64_t drow[4];
     bool rok[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = mb + ((t + 128 * i) >> 3);
         rok[i] = m < M;
-        drow[i] = rok[i] ? (int64_t)(rowIdx ? rowIdx[m] : m) * p.ldd : 0;
+        drow[i] = rok[i] ? (int64_t)(rowIdx ? __ldg(rowIdx + m) : m) * p.ldd : 0;
     }
-    auto epi = [&](int h, int col, float a0, float a1) -> uint32_t {
-        const int n = n0 + col;
-        if (n >= p.N) return 0u;
-        float v0 = a0 + Cvt<T>::toF(bias[n]), v1 = a1 + Cvt<T>::toF(bias[n + 1]);
-        if (GELU) { v0 = geluTanhFast(v0); v1 = geluTanhFast(v1); }
-        if (p.rowMask && !((keep[h] >> (n / p.maskCols)) & 1ull)) { v0 = 0.f; v1 = 0.f; }  // n, n+1: one expert
-        return Pack<T>::pair(v0, v1);
-    };
     auto store = [&](int i, int col, uint4 v) {
         if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
     };
-    stagedEpilogue64<BN>(acc, stg, t, epi, store, sync);
+    stagedEpilogue64<BN>(stg, t, compute, store, sync);
 }
 
 }  // namespace sm90

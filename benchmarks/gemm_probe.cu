@@ -1,0 +1,144 @@
+// Probe of the expert-FFN GEMMs in isolation (Hopper): times the launchers of plugins/expert_routing directly,
+// so that one GEMM variant can be measured without the rest of the FFN. Not part of the library or the tests.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DACTVAR_HAVE_SM90A --expt-relaxed-constexpr \
+//        -Iplugins/common -Iplugins/expert_routing benchmarks/gemm_probe.cu \
+//        plugins/expert_routing/gemm_sm90.cu plugins/expert_routing/gemm_sm90_ws.cu -o /tmp/gemm_probe
+//   ACTVAR_FC1_CFG=4 /tmp/gemm_probe C T [experts top_k]
+//
+// Prints one line per GEMM: fc1 over gathered rows (routed), fc1 over the same row counts but contiguous rows,
+// both with GELU and without, and the dense fc2; time (CUDA events, median of 9 batches of 10) and TFLOP/s.
+#include "gemm_common.cuh"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+using namespace actvar;
+using T = __nv_bfloat16;
+
+#define CK(x)                                                                                   \
+    do {                                                                                        \
+        cudaError_t e_ = (x);                                                                   \
+        if (e_ != cudaSuccess) {                                                                \
+            std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            std::exit(1);                                                                       \
+        }                                                                                       \
+    } while (0)
+
+template <class F>
+float timeUs(F f) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    for (int i = 0; i < 3; ++i) CK(f());
+    CK(cudaDeviceSynchronize());
+    std::vector<float> v;
+    for (int r = 0; r < 9; ++r) {
+        CK(cudaEventRecord(a));
+        for (int i = 0; i < 10; ++i) CK(f());
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms = 0;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        v.push_back(ms * 100.f);  // us per call
+    }
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+__global__ void fillKernel(T* p, size_t n, uint32_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+        x ^= x >> 13; x *= 0x5bd1e995u; x ^= x >> 15;
+        p[i] = __float2bfloat16(((x & 0xFFFF) / 65536.f - 0.5f) * 0.25f);
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc < 3) {
+        std::fprintf(stderr, "usage: %s C T [experts top_k]\n", argv[0]);
+        return 2;
+    }
+    const int C = std::atoi(argv[1]), Tn = std::atoi(argv[2]);
+    const int E = argc > 3 ? std::atoi(argv[3]) : 16, K = argc > 4 ? std::atoi(argv[4]) : 12;
+    const int hidden = 4 * C, d = hidden / E;
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+
+    // random routing: top-K of E uniform logits per token; per-expert ascending token lists
+    std::mt19937 rng(1234);
+    std::uniform_real_distribution<float> U(0.f, 1.f);
+    std::vector<int32_t> lists((size_t)E * Tn), counts(E, 0);
+    std::vector<float> lg(E);
+    std::vector<int> ord(E);
+    for (int t = 0; t < Tn; ++t) {
+        for (int e = 0; e < E; ++e) lg[e] = U(rng), ord[e] = e;
+        std::partial_sort(ord.begin(), ord.begin() + K, ord.end(), [&](int a, int b) { return lg[a] > lg[b]; });
+        for (int j = 0; j < K; ++j) lists[(size_t)ord[j] * Tn + counts[ord[j]]++] = t;
+    }
+    const int maxM = *std::max_element(counts.begin(), counts.end());
+    int64_t chosen = 0;
+    for (int c : counts) chosen += c;
+
+    T *x, *w1, *b1, *H, *w2, *b2, *out;
+    int32_t *dLists, *dCounts;
+    CK(cudaMalloc(&x, (size_t)Tn * C * 2));
+    CK(cudaMalloc(&w1, (size_t)hidden * C * 2));
+    CK(cudaMalloc(&b1, (size_t)hidden * 2));
+    CK(cudaMalloc(&H, (size_t)Tn * hidden * 2));
+    CK(cudaMalloc(&w2, (size_t)hidden * C * 2));
+    CK(cudaMalloc(&b2, (size_t)C * 2));
+    CK(cudaMalloc(&out, (size_t)Tn * C * 2));
+    CK(cudaMalloc(&dLists, lists.size() * 4));
+    CK(cudaMalloc(&dCounts, E * 4));
+    fillKernel<<<1024, 256>>>(x, (size_t)Tn * C, 1);
+    fillKernel<<<1024, 256>>>(w1, (size_t)hidden * C, 2);
+    fillKernel<<<64, 256>>>(b1, hidden, 3);
+    fillKernel<<<1024, 256>>>(w2, (size_t)hidden * C, 4);
+    fillKernel<<<64, 256>>>(b2, C, 5);
+    fillKernel<<<1024, 256>>>(H, (size_t)Tn * hidden, 6);
+    CK(cudaMemcpy(dLists, lists.data(), lists.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dCounts, counts.data(), E * 4, cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());
+
+    const char* f1 = std::getenv("ACTVAR_FC1_CFG");
+    const char* f2 = std::getenv("ACTVAR_FC2_CFG");
+    std::printf("C=%d T=%d E=%d K=%d d=%d maxM=%d  FC1_CFG=%s FC2_CFG=%s\n", C, Tn, E, K, d, maxM, f1 ? f1 : "auto",
+                f2 ? f2 : "auto");
+    const double fc1Flop = 2.0 * chosen * d * C, fc2Flop = 2.0 * Tn * (double)hidden * C;
+
+    GemmArgs<T> p1{};
+    p1.A = x; p1.lda = C;
+    p1.B = w1; p1.ldb = C;
+    p1.bias = b1;
+    p1.D = H; p1.ldd = hidden;
+    p1.M = Tn; p1.N = d; p1.K = C;
+    p1.groupN = d;
+    p1.rowIdx = dLists; p1.rowIdxStride = Tn;
+    p1.counts = dCounts;
+    GemmArgs<T> pc = p1;   // same row counts, contiguous rows 0..count-1 (TMA-capable)
+    pc.rowIdx = nullptr;
+
+    auto line = [&](const char* name, float us, double flop) {
+        std::printf("%-34s %9.1f us %7.1f TFLOP/s\n", name, us, flop / us * 1e-6);
+    };
+    line("fc1 routed (gathered) + GELU", timeUs([&] { return launchGemmSm90<T, true>(p1, E, maxM, sms, 0); }), fc1Flop);
+    line("fc1 routed (gathered), no GELU", timeUs([&] { return launchGemmSm90<T, false>(p1, E, maxM, sms, 0); }), fc1Flop);
+    line("fc1 contiguous rows + GELU", timeUs([&] { return launchGemmSm90<T, true>(pc, E, maxM, sms, 0); }), fc1Flop);
+    line("fc1 contiguous rows, no GELU", timeUs([&] { return launchGemmSm90<T, false>(pc, E, maxM, sms, 0); }), fc1Flop);
+
+    GemmArgs<T> p2{};
+    p2.A = H; p2.lda = hidden;
+    p2.B = w2; p2.ldb = hidden;
+    p2.bias = b2;
+    p2.D = out; p2.ldd = C;
+    p2.M = Tn; p2.N = C; p2.K = hidden;
+    line("fc2 dense", timeUs([&] { return launchGemmSm90<T, false>(p2, 1, Tn, sms, 0); }), fc2Flop);
+    GemmArgs<T> pd = p2;   // the dense fc1 (all hidden units, no routing) for reference
+    pd.A = x; pd.lda = C; pd.B = w1; pd.ldb = C; pd.bias = b1; pd.D = H; pd.ldd = hidden; pd.N = hidden; pd.K = C;
+    line("fc1 dense (all units) + GELU", timeUs([&] { return launchGemmSm90<T, true>(pd, 1, Tn, sms, 0); }), fc2Flop);
+    return 0;
+}
