@@ -645,8 +645,11 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
                     routeZeroKernel<T><<<grid, block, 0, stream>>>(logits, experts, Hb, Tn, N, k, ldhBytes,
                                                                     sliceBytes);
                 if ((e = cudaGetLastError()) != cudaSuccess) return e;
-                return ltGemmNT(dt, H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, kLtWorkspaceBytes,
-                                stream);
+                e = ltGemmNT(dt, H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, kLtWorkspaceBytes,
+                             stream);
+                if (e != cudaErrorNotSupported) return e;
+                return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);   // H is complete
+
             }
             if (e != cudaErrorNotSupported) return e;
         }
