@@ -110,12 +110,7 @@ int main(int argc, char** argv) {
                 f2 ? f2 : "auto");
     const double fc1Flop = 2.0 * chosen * d * C, fc2Flop = 2.0 * Tn * (double)hidden * C;
 
-    GemmArgs<T> p1{};
-    p1.A = x; p1.lda = C;
-    p1.B = w1; p1.ldb = C;
-    p1.bias = b1;
-    p1.D = H; p1.ldd = hidden;
-    p1.M = Tn; p1.N = d; p1.K = C;
+    GemmArgs<T> p1 = gemmNT(x, C, w1, C, b1, H, hidden, Tn, d, C);   // as the plugin's routed fc1
     p1.groupN = d;
     p1.rowIdx = dLists; p1.rowIdxStride = Tn;
     p1.counts = dCounts;
@@ -130,15 +125,10 @@ int main(int argc, char** argv) {
     line("fc1 contiguous rows + GELU", timeUs([&] { return launchGemmSm90<T, true>(pc, E, maxM, sms, 0); }), fc1Flop);
     line("fc1 contiguous rows, no GELU", timeUs([&] { return launchGemmSm90<T, false>(pc, E, maxM, sms, 0); }), fc1Flop);
 
-    GemmArgs<T> p2{};
-    p2.A = H; p2.lda = hidden;
-    p2.B = w2; p2.ldb = hidden;
-    p2.bias = b2;
-    p2.D = out; p2.ldd = C;
-    p2.M = Tn; p2.N = C; p2.K = hidden;
+    const GemmArgs<T> p2 = gemmNT(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden);
     line("fc2 dense", timeUs([&] { return launchGemmSm90<T, false>(p2, 1, Tn, sms, 0); }), fc2Flop);
-    GemmArgs<T> pd = p2;   // the dense fc1 (all hidden units, no routing) for reference
-    pd.A = x; pd.lda = C; pd.B = w1; pd.ldb = C; pd.bias = b1; pd.D = H; pd.ldd = hidden; pd.N = hidden; pd.K = C;
+    // the dense fc1 (all hidden units, no routing) for reference
+    const GemmArgs<T> pd = gemmNT(x, C, w1, C, b1, H, hidden, Tn, hidden, C);
     line("fc1 dense (all units) + GELU", timeUs([&] { return launchGemmSm90<T, true>(pd, 1, Tn, sms, 0); }), fc2Flop);
     return 0;
 }

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <utility>
 
@@ -20,6 +21,12 @@ __device__ __forceinline__ uint32_t orderedKey(float f) {
     if (f == 0.0f) f = 0.0f;
     uint32_t u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Integer setting from the environment (atoi of the value), dflt when unset.
+inline int envInt(const char* name, int dflt) {
+    const char* v = std::getenv(name);
+    return v ? std::atoi(v) : dflt;
 }
 
 __host__ __device__ __forceinline__ size_t alignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }

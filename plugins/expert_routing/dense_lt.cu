@@ -1,9 +1,7 @@
 // Dense GEMMs through cuBLASLt, opened at run time (see dense_lt.h). Host code only.
 #include "dense_lt.h"
 
-#include <cstdlib>
-
-#include "actvar_plugins.h"
+#include "actvar_common.cuh"
 
 #if defined(ACTVAR_HAVE_CUBLASLT)
 #include <cublasLt.h>
@@ -33,8 +31,7 @@ struct LtApi {
 const LtApi& api() {
     static const LtApi a = [] {
         LtApi l;
-        const char* off = std::getenv("ACTVAR_DISABLE_CUBLASLT");
-        if (off && std::atoi(off) != 0) return l;
+        if (envInt("ACTVAR_DISABLE_CUBLASLT", 0) != 0) return l;
         void* h = dlopen("libcublasLt.so.13", RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);   // a framework's copy
         if (!h) h = dlopen("libcublasLt.so.13", RTLD_NOW | RTLD_LOCAL);
         if (!h) return l;

@@ -25,22 +25,33 @@ namespace {
 // Tokens are processed in chunks of 256 (one block each). Pass 1: per-chunk expert counts from the
 // membership bits (routeBitsKernel).
 constexpr int kChunk = 256;
-__global__ void __launch_bounds__(kChunk) expertCountKernel(const unsigned long long* __restrict__ bits,
-                                                            int32_t* __restrict__ chunkCounts, int T, int N) {
-    __shared__ int warpCnt[kChunk / 32][ACTVAR_MAX_EXPERTS];
-    const int t = blockIdx.x * kChunk + threadIdx.x;
+using WarpCounts = int[kChunk / 32][ACTVAR_MAX_EXPERTS];
+
+// warpCnt[warp][e] = how many of the warp's tokens have bit e in their membership mask b, then a block barrier.
+__device__ __forceinline__ void countWarpMembers(unsigned long long b, int N, WarpCounts& warpCnt) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const unsigned long long b = t < T ? bits[t] : 0ull;
     for (int e = 0; e < N; ++e) {
         const unsigned bal = __ballot_sync(0xFFFFFFFFu, (b >> e) & 1ull);
         if (lane == 0) warpCnt[warp][e] = __popc(bal);
     }
     __syncthreads();
+}
+
+// The block's chunk of kChunk tokens: chunkCounts[chunk, e] = its tokens that chose expert e.
+__device__ __forceinline__ void writeChunkCounts(unsigned long long b, int N, int32_t* __restrict__ chunkCounts) {
+    __shared__ WarpCounts warpCnt;
+    countWarpMembers(b, N, warpCnt);
     if (threadIdx.x < N) {
         int c = 0;
         for (int w = 0; w < kChunk / 32; ++w) c += warpCnt[w][threadIdx.x];
         chunkCounts[blockIdx.x * N + threadIdx.x] = c;
     }
+}
+
+__global__ void __launch_bounds__(kChunk) expertCountKernel(const unsigned long long* __restrict__ bits,
+                                                            int32_t* __restrict__ chunkCounts, int T, int N) {
+    const int t = blockIdx.x * kChunk + threadIdx.x;
+    writeChunkCounts(t < T ? bits[t] : 0ull, N, chunkCounts);
 }
 
 // Pass 2: stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending. The block's
@@ -49,7 +60,7 @@ __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long 
                                                             const int32_t* __restrict__ chunkCounts,
                                                             int32_t* __restrict__ lists, int32_t* __restrict__ counts,
                                                             int T, int N, int numChunks) {
-    __shared__ int warpCnt[kChunk / 32][ACTVAR_MAX_EXPERTS];
+    __shared__ WarpCounts warpCnt;
     __shared__ int offs[ACTVAR_MAX_EXPERTS], tots[ACTVAR_MAX_EXPERTS];
     const int t = blockIdx.x * kChunk + threadIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -69,11 +80,7 @@ __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long 
         }
     }
     const unsigned long long b = t < T ? bits[t] : 0ull;
-    for (int e = 0; e < N; ++e) {
-        const unsigned bal = __ballot_sync(0xFFFFFFFFu, (b >> e) & 1ull);
-        if (lane == 0) warpCnt[warp][e] = __popc(bal);
-    }
-    __syncthreads();
+    countWarpMembers(b, N, warpCnt);
     if (blockIdx.x == 0 && threadIdx.x < N) counts[threadIdx.x] = tots[threadIdx.x];
     for (int e = 0; e < N; ++e) {
         const bool chosen = (b >> e) & 1ull;
@@ -95,9 +102,7 @@ __global__ void __launch_bounds__(kChunk) routeCountKernel(const float* __restri
                                                            int32_t* __restrict__ experts,
                                                            unsigned long long* __restrict__ bits,
                                                            int32_t* __restrict__ chunkCounts, int T, int N, int k) {
-    __shared__ int warpCnt[kChunk / 32][kRouteMaxN];
     const int t = blockIdx.x * kChunk + threadIdx.x;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned b = 0;
     if (t < T) {
         uint32_t key[kRouteMaxN];
@@ -117,64 +122,50 @@ __global__ void __launch_bounds__(kChunk) routeCountKernel(const float* __restri
         }
         bits[t] = b;
     }
-    for (int e = 0; e < N; ++e) {
-        const unsigned bal = __ballot_sync(0xFFFFFFFFu, (b >> e) & 1u);
-        if (lane == 0) warpCnt[warp][e] = __popc(bal);
-    }
-    __syncthreads();
-    if (threadIdx.x < N) {
-        int c = 0;
-        for (int w = 0; w < kChunk / 32; ++w) c += warpCnt[w][threadIdx.x];
-        chunkCounts[blockIdx.x * N + threadIdx.x] = c;
-    }
+    writeChunkCounts(b, N, chunkCounts);
 }
 
-// Small-T routing in one pass, one warp per token: lane l holds the order-preserving keys of experts l and
-// l + 32; expert e's rank = number of experts with a larger key, or an equal key and a lower id (ties to the
-// lower id, as actvarTopkAscending). Writes the chosen ids ascending and the membership mask.
+// Routing of token t by one warp: lane l holds the order-preserving keys of experts l and l + 32; expert e's
+// rank = number of experts with a larger key, or an equal key and a lower id (ties to the lower id, as
+// actvarTopkAscending). Writes the chosen ids ascending to experts[t, :k]; returns the membership mask.
+__device__ __forceinline__ unsigned long long routeTokenWarp(const float* __restrict__ logits,
+                                                             int32_t* __restrict__ experts, int t, int N, int k) {
+    const int lane = threadIdx.x & 31;
+    const float* row = logits + (size_t)t * N;
+    const uint32_t k0 = lane < N ? orderedKey(row[lane]) : 0u, k1 = lane + 32 < N ? orderedKey(row[lane + 32]) : 0u;
+    int r0 = 0, r1 = 0;
+    for (int j = 0; j < N; ++j) {
+        const uint32_t kj = __shfl_sync(0xFFFFFFFFu, j < 32 ? k0 : k1, j & 31);
+        r0 += (kj > k0) || (kj == k0 && j < lane);
+        r1 += (kj > k1) || (kj == k1 && j < lane + 32);
+    }
+    const unsigned lo = __ballot_sync(0xFFFFFFFFu, lane < N && r0 < k);
+    const unsigned hi = __ballot_sync(0xFFFFFFFFu, lane + 32 < N && r1 < k);
+    const unsigned below = (1u << lane) - 1u;
+    if ((lo >> lane) & 1u) experts[(size_t)t * k + __popc(lo & below)] = lane;
+    if ((hi >> lane) & 1u) experts[(size_t)t * k + __popc(lo) + __popc(hi & below)] = lane + 32;
+    return (unsigned long long)lo | ((unsigned long long)hi << 32);
+}
+
+// Routing in one pass, one warp per token (small T, and N > 16): the chosen ids and the membership mask.
 __global__ void routeBitsKernel(const float* __restrict__ logits, int32_t* __restrict__ experts,
                                 unsigned long long* __restrict__ bits, int T, int N, int k) {
     gridDependencyWait();
     gridDependencyLaunch();
     const int t = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= T) return;
-    const float* row = logits + (size_t)t * N;
-    const uint32_t k0 = lane < N ? orderedKey(row[lane]) : 0u, k1 = lane + 32 < N ? orderedKey(row[lane + 32]) : 0u;
-    int r0 = 0, r1 = 0;
-    for (int j = 0; j < N; ++j) {
-        const uint32_t kj = __shfl_sync(0xFFFFFFFFu, j < 32 ? k0 : k1, j & 31);
-        r0 += (kj > k0) || (kj == k0 && j < lane);
-        r1 += (kj > k1) || (kj == k1 && j < lane + 32);
-    }
-    const unsigned lo = __ballot_sync(0xFFFFFFFFu, lane < N && r0 < k);
-    const unsigned hi = __ballot_sync(0xFFFFFFFFu, lane + 32 < N && r1 < k);
-    const unsigned below = (1u << lane) - 1u;
-    if ((lo >> lane) & 1u) experts[(size_t)t * k + __popc(lo & below)] = lane;
-    if ((hi >> lane) & 1u) experts[(size_t)t * k + __popc(lo) + __popc(hi & below)] = lane + 32;
-    if (lane == 0) bits[t] = (unsigned long long)lo | ((unsigned long long)hi << 32);
+    const unsigned long long b = routeTokenWarp(logits, experts, t, N, k);
+    if (lane == 0) bits[t] = b;
 }
 
-// Dense small-T path (after a dense fc1 over all hidden units): routing as routeBitsKernel, one warp per token,
-// then the warp zeroes the token's unchosen slices H[t, e*d : (e+1)*d] (vectors of V, sliceBytes % sizeof(V) == 0).
+// Dense path (after a dense fc1 over all hidden units): routing as routeBitsKernel, one warp per token, then the
+// warp zeroes the token's unchosen slices H[t, e*d : (e+1)*d] (vectors of V, sliceBytes % sizeof(V) == 0).
 template <typename V>
 __global__ void routeZeroKernel(const float* __restrict__ logits, int32_t* __restrict__ experts,
                                 char* __restrict__ H, int T, int N, int k, int64_t ldhBytes, int64_t sliceBytes) {
     const int t = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= T) return;
-    const float* row = logits + (size_t)t * N;
-    const uint32_t k0 = lane < N ? orderedKey(row[lane]) : 0u, k1 = lane + 32 < N ? orderedKey(row[lane + 32]) : 0u;
-    int r0 = 0, r1 = 0;
-    for (int j = 0; j < N; ++j) {
-        const uint32_t kj = __shfl_sync(0xFFFFFFFFu, j < 32 ? k0 : k1, j & 31);
-        r0 += (kj > k0) || (kj == k0 && j < lane);
-        r1 += (kj > k1) || (kj == k1 && j < lane + 32);
-    }
-    const unsigned lo = __ballot_sync(0xFFFFFFFFu, lane < N && r0 < k);
-    const unsigned hi = __ballot_sync(0xFFFFFFFFu, lane + 32 < N && r1 < k);
-    const unsigned below = (1u << lane) - 1u;
-    if ((lo >> lane) & 1u) experts[(size_t)t * k + __popc(lo & below)] = lane;
-    if ((hi >> lane) & 1u) experts[(size_t)t * k + __popc(lo) + __popc(hi & below)] = lane + 32;
-    unsigned long long off = ~((unsigned long long)lo | ((unsigned long long)hi << 32));
+    unsigned long long off = ~routeTokenWarp(logits, experts, t, N, k);
     if (N < 64) off &= (1ull << N) - 1ull;
     const int nv = (int)(sliceBytes / (int64_t)sizeof(V));
     const V z{};
@@ -478,18 +469,16 @@ bool useWgmma() {
 // ACTVAR_DENSE_MAX_T (default 8192: on the H100 it measured faster than the routed path at 4064 and 6144 tokens
 // and no faster from 16256 on, docs/benchmarks.md), the plugin's own masked-dense kernels (Hopper without
 // cuBLASLt) up to ACTVAR_MASKED_DENSE_MAX_T (default 512).
-int envInt(const char* name, int dflt) {
-    const char* e = std::getenv(name);
-    return e ? std::atoi(e) : dflt;
-}
 int denseMaxTokens() {
     static const int v = envInt("ACTVAR_DENSE_MAX_T", 8192);
     return v;
 }
+#if defined(ACTVAR_HAVE_SM90A)
 int maskedDenseMaxTokens() {
     static const int v = envInt("ACTVAR_MASKED_DENSE_MAX_T", 512);
     return v;
 }
+#endif
 
 template <typename T, bool GELU>
 cudaError_t launchGemm(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t stream, int numSms) {
@@ -579,13 +568,7 @@ WsLayout wsLayout(int T, int C, int hidden, int N, int top_k, size_t es) {
 template <typename T>
 cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int C, int hidden, float* partial,
                       int sms, cudaStream_t stream, bool pdl = false) {
-    cudaError_t e = cudaSuccess;
-    GemmArgs<T> p2{};
-    p2.A = H; p2.lda = hidden;
-    p2.B = w2; p2.ldb = hidden;
-    p2.bias = b2;
-    p2.D = out; p2.ldd = C;
-    p2.M = Tn; p2.N = C; p2.K = hidden;
+    const GemmArgs<T> p2 = gemmNT(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden);
 #if defined(ACTVAR_HAVE_SM90A)
     if constexpr (!std::is_same<T, float>::value) {
         const int split = fc2SplitK(Tn, C, hidden);
@@ -594,7 +577,7 @@ cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int 
             ps.kSplit = split;
             ps.partial = partial;
             ps.pdl = pdl;
-            e = launchGemmSm90<T, false>(ps, 1, Tn, sms, stream);
+            const cudaError_t e = launchGemmSm90<T, false>(ps, 1, Tn, sms, stream);
             if (e == cudaSuccess) {
                 const int64_t pairs = (int64_t)Tn * C / 2;
                 const int blocks = (int)std::min<int64_t>((pairs + 255) / 256, (int64_t)sms * 8);
@@ -665,12 +648,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
             e = launchKernel(routeBitsKernel, dim3((Tn + 7) / 8), dim3(256), 0, stream, true, (const float*)logits,
                              experts, bits, Tn, N, k);
             if (e != cudaSuccess) return e;
-            GemmArgs<T> pm{};
-            pm.A = h; pm.lda = C;
-            pm.B = w1; pm.ldb = C;
-            pm.bias = b1;
-            pm.D = H; pm.ldd = hidden;
-            pm.M = Tn; pm.N = hidden; pm.K = C;
+            GemmArgs<T> pm = gemmNT(h, C, w1, C, b1, H, hidden, Tn, hidden, C);
             pm.rowMask = bits; pm.maskCols = d;
             pm.pdl = true;
             e = launchGemmSm90<T, true>(pm, 1, Tn, sms, stream);
@@ -695,12 +673,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     }
 
     // fc1 + b1 + GELU over each expert's chosen tokens, written to H in token order
-    GemmArgs<T> p1{};
-    p1.A = h; p1.lda = C;
-    p1.B = w1; p1.ldb = C;
-    p1.bias = b1;
-    p1.D = H; p1.ldd = hidden;
-    p1.M = Tn; p1.N = d; p1.K = C;
+    GemmArgs<T> p1 = gemmNT(h, C, w1, C, b1, H, hidden, Tn, d, C);
     p1.groupN = d;
     p1.rowIdx = lists; p1.rowIdxStride = Tn;
     p1.counts = counts;

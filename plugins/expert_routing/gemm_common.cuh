@@ -27,6 +27,20 @@ struct GemmArgs {
     int mTiles;                 // set by the sm_90a launcher
 };
 
+// The plain GEMM D[M, N] = A[M, K] B[N, K]^T + bias[N] (row-major, leading dimensions in elements), no groups;
+// callers add groups, gathered rows, masks or split-K on the copy.
+template <typename T>
+GemmArgs<T> gemmNT(const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias, T* D, int64_t ldd, int M, int N,
+                   int K) {
+    GemmArgs<T> p{};
+    p.A = A; p.lda = lda;
+    p.B = B; p.ldb = ldb;
+    p.bias = bias;
+    p.D = D; p.ldd = ldd;
+    p.M = M; p.N = N; p.K = K;
+    return p;
+}
+
 // Split-K policy of the output GEMM (fc2), a pure function of the shape so that the workspace size can be
 // queried without a device: split when the 128 x 128 tiles cannot fill a 132-SM GPU.
 inline int fc2SplitK(int T, int C, int hidden) {

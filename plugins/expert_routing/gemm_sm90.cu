@@ -11,8 +11,6 @@
 // Grid: x = group + groups * nTile (all experts of one token range run together), y = mTile, z = K slice.
 #include "sm90_util.cuh"
 
-#include <cstdlib>
-
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "gemm_sm90.cu must be compiled for sm_90a only"
 #endif
@@ -154,8 +152,7 @@ cudaError_t launchBn(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t st
 }  // namespace
 
 int gemmSm90CfgOverride(bool gelu) {
-    static const int cfgEnv[2] = {[] { const char* v = std::getenv("ACTVAR_FC2_CFG"); return v ? std::atoi(v) : 0; }(),
-                                  [] { const char* v = std::getenv("ACTVAR_FC1_CFG"); return v ? std::atoi(v) : 0; }()};
+    static const int cfgEnv[2] = {envInt("ACTVAR_FC2_CFG", 0), envInt("ACTVAR_FC1_CFG", 0)};
     return cfgEnv[gelu ? 1 : 0];
 }
 
