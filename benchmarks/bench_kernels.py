@@ -225,11 +225,25 @@ def profile_experts(shapes=((1024, 254), (1024, 24576), (1920, 24576)), dtype=to
     return out
 
 
+def _shape(text):
+    """'CxT' -> (C, T) for --profile-shapes."""
+    try:
+        C, T = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxT (e.g. 1024x4064), got {text!r}") from None
+    if C <= 0 or T <= 0:
+        raise argparse.ArgumentTypeError(f"C and T must be positive, got {text!r}")
+    return C, T
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
     ap.add_argument("--only", choices=["tokens", "experts", "none"], default=None)
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of the expert FFN")
+    ap.add_argument("--profile-shapes", nargs="+", metavar="CxT", type=_shape, default=None,
+                    help="shapes of the --profile breakdown, e.g. 1024x4064 1920x24576 (default: 1024x254 "
+                         "1024x24576 1920x24576)")
     ap.add_argument("--seqs", type=int, nargs="+", default=SEQS, help="sequence counts of the expert benchmark")
     ap.add_argument("--single", nargs=2, type=int, metavar=("C", "T"),
                     help="only run the expert FFN a few times at this shape (for ncu / compute-sanitizer)")
@@ -257,7 +271,7 @@ def main():
     if args.only in (None, "experts"):
         res["experts"] = bench_experts(ceil, seqs=args.seqs)
     if args.profile:
-        res["expert_profile"] = profile_experts()
+        res["expert_profile"] = profile_experts(args.profile_shapes) if args.profile_shapes else profile_experts()
     res["wall_s"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -3,7 +3,7 @@
 #   scripts/device_check.sh                # every section present, in order
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
-# Sections: build, tests, bench (kernels = build tests bench). Other sections (e.g. ort) can be added as
+# Sections: build, tests, bench (kernels = build tests bench), probe (the GEMMs alone, benchmarks/gemm_probe.cu). Other sections (e.g. ort) can be added as
 # functions named section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
 set -uo pipefail
@@ -44,6 +44,24 @@ section_bench() {
     local rc=${PIPESTATUS[0]}
     echo "bench JSON: $OUT/bench_kernels.json"
     return $rc
+}
+
+section_probe() {
+    # the expert-FFN GEMMs alone (benchmarks/gemm_probe.cu) at the large shapes; PROBE_CFGS lists the
+    # ACTVAR_FC1_CFG values to compare (0 = automatic), PROBE_SHAPES the "C T" pairs, comma-separated
+    echo "== probe: benchmarks/gemm_probe.cu"
+    mkdir -p build/probe
+    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DACTVAR_HAVE_SM90A --expt-relaxed-constexpr \
+        -Iplugins/common -Iplugins/expert_routing benchmarks/gemm_probe.cu plugins/expert_routing/gemm_sm90.cu \
+        plugins/expert_routing/gemm_sm90_ws.cu -o build/probe/gemm_probe || return 1
+    local cfg shape shapes
+    IFS=',' read -ra shapes <<< "${PROBE_SHAPES:-1024 24576,1920 24576,1024 6144,1920 4064}"
+    for shape in "${shapes[@]}"; do
+        for cfg in ${PROBE_CFGS:-0}; do
+            if [ "$cfg" = 0 ]; then build/probe/gemm_probe $shape; else ACTVAR_FC1_CFG=$cfg build/probe/gemm_probe $shape; fi
+        done
+    done 2>&1 | tee "$OUT/probe.log"
+    return ${PIPESTATUS[0]}
 }
 
 section_kernels() { section_build && section_tests; local a=$?; section_bench; local b=$?; return $((a || b)); }
