@@ -3,8 +3,9 @@
 #   scripts/device_check.sh                # every section present, in order
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
-# Sections: build, tests, bench (kernels = build tests bench), probe (the GEMMs alone, benchmarks/gemm_probe.cu). Other sections (e.g. ort) can be added as
-# functions named section_<name> and listed in ALL.
+# Sections: build, tests, bench (kernels = build tests bench), probe (the expert GEMMs alone,
+# benchmarks/gemm_probe.cu; not in the default list). Other sections (e.g. ort) can be added as functions named
+# section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
