@@ -5,6 +5,8 @@
 //        -Iplugins/common -Iplugins/expert_routing benchmarks/gemm_probe.cu \
 //        plugins/expert_routing/gemm_sm90.cu plugins/expert_routing/gemm_sm90_ws.cu -o /tmp/gemm_probe
 //   ACTVAR_FC1_CFG=4 /tmp/gemm_probe C T [experts top_k]
+// With -DACTVAR_WS_TRACE (the library sources compiled with it too) each line of the warp-specialised kernel is
+// followed by its per-tile cycle breakdown (main loop, waits for full stages, epilogue) from the last launch.
 //
 // Prints one line per GEMM: fc1 over gathered rows (routed), fc1 over the same row counts but contiguous rows,
 // both with GELU and without, and the dense fc2; time (CUDA events, median of 9 batches of 10) and TFLOP/s.
@@ -119,6 +121,22 @@ int main(int argc, char** argv) {
 
     auto line = [&](const char* name, float us, double flop) {
         std::printf("%-34s %9.1f us %7.1f TFLOP/s\n", name, us, flop / us * 1e-6);
+#if defined(ACTVAR_WS_TRACE)
+        // the warp-specialised kernel's cycle counts of the last launch (absent for the other kernels)
+        static unsigned long long tr[kWsTraceCtas][8];
+        const int n = wsTraceFetch(tr, kWsTraceCtas);
+        double s[8] = {};
+        int ctas = 0;
+        for (int b = 0; b < n; ++b) {
+            ctas += tr[b][0] > 0;
+            for (int i = 0; i < 8; ++i) s[i] += (double)tr[b][i];
+        }
+        if (ctas > 0)
+            std::printf("    trace: %d CTAs, %.1f tiles/CTA, per tile: main loop %.0f cyc (full-stage waits %.0f),"
+                        " epilogue %.0f cyc; producer waiting %.0f %%; %.0f MHz\n",
+                        ctas, s[0] / ctas, s[1] / s[0], s[2] / s[0], s[3] / s[0], 100.0 * s[4] / (s[5] > 0 ? s[5] : 1),
+                        s[6] > 0 ? 1e3 * s[7] / s[6] : 0.0);
+#endif
     };
     line("fc1 routed (gathered) + GELU", timeUs([&] { return launchGemmSm90<T, true>(p1, E, maxM, sms, 0); }), fc1Flop);
     line("fc1 routed (gathered), no GELU", timeUs([&] { return launchGemmSm90<T, false>(p1, E, maxM, sms, 0); }), fc1Flop);

@@ -49,10 +49,13 @@ section_bench() {
 
 section_probe() {
     # the expert-FFN GEMMs alone (benchmarks/gemm_probe.cu) at the large shapes; PROBE_CFGS lists the
-    # ACTVAR_FC1_CFG values to compare (0 = automatic), PROBE_SHAPES the "C T" pairs, comma-separated
+    # ACTVAR_FC1_CFG values to compare (0 = automatic), PROBE_SHAPES the "C T" pairs, comma-separated;
+    # PROBE_TRACE=1 adds the warp-specialised kernel's per-tile cycle breakdown (-DACTVAR_WS_TRACE)
     echo "== probe: benchmarks/gemm_probe.cu"
     mkdir -p build/probe
-    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DACTVAR_HAVE_SM90A --expt-relaxed-constexpr \
+    local trace=""
+    [ "${PROBE_TRACE:-0}" = 1 ] && trace=-DACTVAR_WS_TRACE
+    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DACTVAR_HAVE_SM90A $trace --expt-relaxed-constexpr \
         -Iplugins/common -Iplugins/expert_routing benchmarks/gemm_probe.cu plugins/expert_routing/gemm_sm90.cu \
         plugins/expert_routing/gemm_sm90_ws.cu -o build/probe/gemm_probe || return 1
     local cfg shape shapes

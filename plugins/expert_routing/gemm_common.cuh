@@ -60,6 +60,12 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
 // Warp-specialised, TMA-fed persistent variant (gemm_sm90_ws.cu); cfg 11-13 pick the tiling. Same fallback rule.
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream);
+#if defined(ACTVAR_WS_TRACE)
+// Probe builds only: the warp-specialised kernel's per-CTA cycle counts of its last launch (gemm_sm90_ws.cu),
+// copied to out[0 .. n) and reset; returns n (<= maxCtas), -1 on a CUDA error.
+constexpr int kWsTraceCtas = 256;
+int wsTraceFetch(unsigned long long (*out)[8], int maxCtas);
+#endif
 // The tile configuration forced through ACTVAR_FC1_CFG (gelu) / ACTVAR_FC2_CFG, 0 = automatic (gemm_sm90.cu).
 int gemmSm90CfgOverride(bool gelu);
 #endif

@@ -22,7 +22,7 @@ using namespace sm90;
 constexpr int kThreads = 256;
 
 template <int BN, int kStages>
-constexpr int smemBytes() { return kStages * (kBM + BN) * kBK * 2 + 1024; }  // + alignment slack
+constexpr int smemBytes() { return kStages * (kBM + BN) * kBK * 2 + BN * 2 + 1024; }  // + bias, alignment slack
 
 template <typename T, int BN, int kStages, bool GELU, bool KEEP1 = true>
 __global__ void __launch_bounds__(kThreads, (BN == 128 && kStages == 3) ? 2 : 1) gemmWgmmaKernel(GemmArgs<T> p) {
@@ -63,6 +63,11 @@ __global__ void __launch_bounds__(kThreads, (BN == 128 && kStages == 3) ? 2 : 1)
     const int bRowsLeft = p.N - n0 - r0;     // B row r0 + 32i valid iff 32i < bRowsLeft
     // swizzled destination offset of (row, chunk): row*128 + ((chunk ^ (row & 7)) << 4); row & 7 == r0 & 7
     const uint32_t dOff = (uint32_t)r0 * 128u + (uint32_t)((ch ^ (r0 & 7)) << 4);
+
+    // the epilogue's bias columns (after the stages) and output rows, requested now (sm90_util.cuh)
+    const uint32_t biasSmem = sbase + kStages * STAGE;
+    if (p.kSplit <= 1) prefetchBias<T, BN>(biasSmem, p.bias + (int64_t)g * p.groupN, n0, p.N, tid);
+    const EpiRows rows = epiRows(tid & 127, m0 + (tid >> 7) * 64, M, rowIdx);
 
     const int KT = p.K / kBK;
     auto loadStage = [&](int kt) {
@@ -132,9 +137,8 @@ __global__ void __launch_bounds__(kThreads, (BN == 128 && kStages == 3) ? 2 : 1)
     // staged epilogue (sm90_util.cuh): the stages are free once every cp.async has landed and all warps left
     // the main loop; warpgroup wg stages its 64 rows in the first 8 KB (16 KB) of stage 0.
     __syncthreads();
-    epilogueBlock64<T, BN, GELU>(p, acc, sbase + wg * 8192, tid & 127, m0 + wg * 64, M, rowIdx,
-                                 p.bias + (int64_t)g * p.groupN, p.D + (int64_t)g * p.groupN, n0,
-                                 [] { __syncthreads(); });
+    epilogueBlock64<T, BN, GELU>(p, acc, sbase + wg * 8192, tid & 127, m0 + wg * 64, M, rowIdx, rows, biasSmem,
+                                 p.D + (int64_t)g * p.groupN, n0, [] { __syncthreads(); });
 #endif
 }
 

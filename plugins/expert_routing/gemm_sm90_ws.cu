@@ -9,9 +9,11 @@
 //     16-byte cp.async, each thread's arrival on "full" made by the hardware once its copies have landed
 //     (cp.async.mbarrier.arrive.noinc); B still by TMA. (Gathered rows as 1-row TMA boxes were correct but
 //     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.)
-//   warpgroups 1, 2, consumers (232 registers): wgmma on the stages, release each stage ("empty" mbarrier)
-//     once the wgmma group that read it has retired, then the epilogue (bias, GELU, mask), staged through an
-//     8 KB shared buffer per consumer into 16-byte row chunks (sm90_util.cuh).
+//   warpgroups 1, 2, consumers (232 registers): before a tile's main loop, copy its bias columns into shared
+//     memory and load its output rows (the epilogue then never waits for global memory: plugins/NOTES.md, v20);
+//     wgmma on the stages, release each stage ("empty" mbarrier) once the wgmma group that read it has retired,
+//     then the epilogue (bias, GELU, mask), staged through an 8 KB shared buffer per consumer into 16-byte row
+//     chunks (sm90_util.cuh).
 //     COOP: both consumers work on every 128 x BN tile (rows 64c..64c+63); else ping-pong: consumers take
 //     alternate 128 x BN tiles, so one's epilogue overlaps the other's MMAs.
 // Tiles L = (mTile * groups + group) * nTiles + nTile, CTA b taking L = b, b + grid, ...; tiles beyond a group's
@@ -34,8 +36,21 @@ using namespace sm90;
 
 constexpr int kWsThreads = 384;
 
+// Shared memory: the stages (1024-byte aligned), per consumer warpgroup an 8 KB staging buffer and 512 bytes of
+// bias, then the mbarriers.
 template <int BN, int kStages>
-constexpr int wsSmemBytes() { return kStages * (kBM + BN) * kBK * 2 + 2 * 8192 + 2048; }  // + staging, barriers, align
+constexpr int wsSmemBytes() { return 1024 + kStages * (kBM + BN) * kBK * 2 + 2 * (8192 + 512) + 8 * (2 * kStages + 2); }
+
+#if defined(ACTVAR_WS_TRACE)
+// Probe builds only (benchmarks/gemm_probe.cu, -DACTVAR_WS_TRACE): cycle counts per CTA of the last launch.
+// [0] tiles, [1] main-loop cycles, [2] of which waiting for full stages, [3] epilogue cycles (first consumer
+// warpgroup), [4] producer cycles waiting for empty stages, [5] producer cycles in all, [6] first consumer's
+// span in ns (globaltimer), [7] its span in cycles.
+__device__ unsigned long long gWsTrace[kWsTraceCtas][8];
+#define WS_TRACE(...) __VA_ARGS__
+#else
+#define WS_TRACE(...)
+#endif
 
 __device__ __forceinline__ void mbarInit(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -94,8 +109,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     extern __shared__ unsigned char smemRaw[];
     __shared__ int sCount[ACTVAR_MAX_EXPERTS];
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smemRaw);
-    const uint32_t bars = (raw + 7u) & ~7u;  // full[s] at bars + 8s, empty[s] at + 8(kStages + s), turn[c] at + 8(2 kStages + c)
-    const uint32_t sbase = (raw + 1024u + 1023u) & ~1023u;   // stages, 1024-byte aligned (128B swizzle atoms)
+    const uint32_t sbase = (raw + 1023u) & ~1023u;   // stages, 1024-byte aligned (128B swizzle atoms)
+    const uint32_t stgBase = sbase + kStages * STAGE, biasBase = stgBase + 2 * 8192;
+    const uint32_t bars = biasBase + 1024;  // full[s] at bars + 8s, empty[s] at + 8(kStages + s), turn[c] at + 8(2 kStages + c)
     const int tid = threadIdx.x, wg = tid >> 7;
     if (tid < groups) sCount[tid] = p.counts ? p.counts[tid] : p.M;
     if (tid == 0) {
@@ -115,6 +131,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         // ---------------- producer ----------------
         if constexpr (GATHER) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 96;\n" ::: "memory");
+            WS_TRACE(const long long pStart = clock64(); long long pWait = 0;)
             const int ch = tid & 7, r0 = tid >> 3;   // 16-byte chunk ch of rows r0 + 16 i
             const uint32_t dOff = (uint32_t)r0 * 128u + (uint32_t)((ch ^ (r0 & 7)) << 4);
             if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
@@ -135,7 +152,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                 const int bRow = g * p.groupN + n0;
                 for (int kt = 0; kt < KT; ++kt, ++pos) {
                     const int s = pos % kStages;
+                    WS_TRACE(const long long tw = clock64();)
                     mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
+                    WS_TRACE(pWait += clock64() - tw;)
                     const uint32_t st = sbase + (uint32_t)s * STAGE, full = bars + 8 * s;
                     if (tid == 0) {
                         mbarExpectTx(full, B_BYTES);
@@ -148,12 +167,17 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                 }
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");
+            WS_TRACE(if (tid == 0 && blockIdx.x < kWsTraceCtas) {
+                gWsTrace[blockIdx.x][4] = pWait;
+                gWsTrace[blockIdx.x][5] = clock64() - pStart;
+            })
             return;
         }
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (tid != 0) return;
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapA)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
+        WS_TRACE(const long long pStart = clock64(); long long pWait = 0;)
         int pos = 0;
         for (int L = blockIdx.x; L < total; L += gridDim.x) {
             const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
@@ -162,23 +186,33 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             const int bRow = g * p.groupN + n0;
             for (int kt = 0; kt < KT; ++kt, ++pos) {
                 const int s = pos % kStages;
+                WS_TRACE(const long long tw = clock64();)
                 mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
+                WS_TRACE(pWait += clock64() - tw;)
                 const uint32_t st = sbase + (uint32_t)s * STAGE, full = bars + 8 * s;
                 mbarExpectTx(full, STAGE);
                 tmaLoad2d(st, &mapA, kt * kBK, m0, full);
                 tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
             }
         }
+        WS_TRACE(if (blockIdx.x < kWsTraceCtas) {
+            gWsTrace[blockIdx.x][4] = pWait;
+            gWsTrace[blockIdx.x][5] = clock64() - pStart;
+        })
         return;
     }
 
     // ---------------- consumers ----------------
     if constexpr (GATHER) asm volatile("setmaxnreg.inc.sync.aligned.u32 200;\n" ::: "memory");
     else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    const int cw = wg - 1;
+    const int cw = wg - 1, t = tid & 127;
     const int lane = tid & 31;
     const uint32_t myTurn = bars + 8 * (2 * kStages + cw), otherTurn = bars + 8 * (2 * kStages + 1 - cw);
+    const uint32_t stg = stgBase + cw * 8192, biasSmem = biasBase + cw * 512;
+    const auto sync = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory"); };
     int ord = 0, turns = 0;
+    WS_TRACE(const long long cStart = clock64(); const uint64_t nsStart = globalTimerNs();
+             long long cMain = 0, cFull = 0, cEpi = 0, cTiles = 0; const bool tr = tid == 128;)
     for (int L = blockIdx.x; L < total; L += gridDim.x) {
         const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
         const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
@@ -188,14 +222,23 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         if (!COOP && pos0 > 0) mbarWait(myTurn, (turns++) & 1);   // the previous tile has acquired its last stage
         constexpr int NSUB = COOP ? 1 : 2;      // 64-row sub-tiles of this consumer
         const int rowBase = COOP ? 64 * cw : 0;
+        // the epilogue's bias columns and output rows, requested before the main loop (sm90_util.cuh)
+        const int32_t* rowIdx = GATHER ? p.rowIdx + g * p.rowIdxStride : nullptr;
+        prefetchBias<T, BN>(biasSmem, p.bias + (int64_t)g * p.groupN, n0, p.N, t);
+        EpiRows rows[NSUB];
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u) rows[u] = epiRows(t, m0 + rowBase + 64 * u, M, rowIdx);
         float acc[NSUB][BN / 2];
 #pragma unroll
         for (int u = 0; u < NSUB; ++u)
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) acc[u][i] = 0.f;
+        WS_TRACE(const long long t0 = clock64();)
         for (int kt = 0; kt < KT; ++kt) {
             const int pos = pos0 + kt, s = pos % kStages;
+            WS_TRACE(const long long tw = clock64();)
             mbarWait(bars + 8 * s, (pos / kStages) & 1);
+            WS_TRACE(if (tr) cFull += clock64() - tw;)
             if (GATHER) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async -> wgmma
             if (!COOP && kt == KT - 1 && lane == 0) mbarArrive(otherTurn);
             const uint32_t st = sbase + (uint32_t)s * STAGE;
@@ -212,18 +255,35 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         if (lane == 0) mbarArrive(bars + 8 * (kStages + (pos0 + KT - 1) % kStages));
+        WS_TRACE(const long long t1 = clock64(); if (tr) { cMain += t1 - t0; ++cTiles; })
 
-        // epilogue (sm90_util.cuh), staged through this consumer's 8 KB buffer, one 64-row block at a time
-        const uint32_t stg = sbase + kStages * STAGE + cw * 8192;
-        const auto sync = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory"); };
+        // epilogue (sm90_util.cuh), staged through this consumer's buffer, one 64-row block at a time
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        sync();   // the bias columns are in shared memory
 #pragma unroll
         for (int u = 0; u < NSUB; ++u)
-            epilogueBlock64<T, BN, GELU>(p, acc[u], stg, tid & 127, m0 + rowBase + 64 * u, M,
-                                         GATHER ? p.rowIdx + g * p.rowIdxStride : nullptr,
-                                         p.bias + (int64_t)g * p.groupN, p.D + (int64_t)g * p.groupN, n0, sync);
+            epilogueBlock64<T, BN, GELU>(p, acc[u], stg, t, m0 + rowBase + 64 * u, M, rowIdx, rows[u], biasSmem,
+                                         p.D + (int64_t)g * p.groupN, n0, sync);
+        WS_TRACE(if (tr) cEpi += clock64() - t1;)
     }
+    WS_TRACE(if (tr && blockIdx.x < kWsTraceCtas) {
+        unsigned long long* o = gWsTrace[blockIdx.x];
+        o[0] = cTiles; o[1] = cMain; o[2] = cFull; o[3] = cEpi;
+        o[6] = globalTimerNs() - nsStart; o[7] = clock64() - cStart;
+    })
 #endif
 }
+
+#if defined(ACTVAR_WS_TRACE)
+}  // namespace
+int wsTraceFetch(unsigned long long (*out)[8], int maxCtas) {
+    const int n = std::min(maxCtas, kWsTraceCtas);
+    if (cudaMemcpyFromSymbol(out, gWsTrace, sizeof(unsigned long long) * 8 * n) != cudaSuccess) return -1;
+    static unsigned long long zeros[kWsTraceCtas][8];
+    return cudaMemcpyToSymbol(gWsTrace, zeros, sizeof(zeros)) == cudaSuccess ? n : -1;
+}
+namespace {
+#endif
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 encodeTiled() {
@@ -262,12 +322,14 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
     if (!makeMap<T>(&mapA, p.A, p.M, p.K, p.lda, kBM) || !makeMap<T>(&mapB, p.B, rowsB, p.K, p.ldb, BN))
         return cudaErrorNotSupported;
     auto kern = gemmTmaWsKernel<T, BN, S, GELU, COOP, GATHER>;
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, wsSmemBytes<BN, S>());
+    constexpr int smem = wsSmemBytes<BN, S>();
+    static_assert(smem + 64 <= 227 * 1024, "shared memory of the warp-specialised kernel");
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     const int mTiles = (maxM + kBM - 1) / kBM, nTiles = (p.N + BN - 1) / BN;
     const int64_t total = (int64_t)mTiles * groups * nTiles;
     const int grid = (int)std::min<int64_t>(total, numSms);
-    kern<<<grid, kWsThreads, wsSmemBytes<BN, S>(), stream>>>(p, mapA, mapB, groups, mTiles, nTiles);
+    kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles);
     return cudaGetLastError();
 }
 

@@ -15,6 +15,12 @@ __device__ __forceinline__ void cpAsync16(uint32_t smem, const void* gmem, bool 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
 }
 
+// 4-byte copy (fp16 / bf16 pairs of the bias); zeros when !valid.
+__device__ __forceinline__ void cpAsync4(uint32_t smem, const void* gmem, bool valid) {
+    const int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes));
+}
+
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t smemDesc(uint32_t addr) {
     uint64_t d = 0;
@@ -121,15 +127,40 @@ __device__ __forceinline__ float2 unpackPair(uint32_t v) {
     }
 }
 
+// The epilogue's global inputs of a tile, requested before its main loop so that their latency hides behind the
+// MMAs instead of stalling each 64-column chunk of the epilogue (plugins/NOTES.md, v20):
+// prefetchBias: the tile's bias columns [n0, n0 + BN) (zeros from N on) copied into shared memory at dst
+// (BN * 2 bytes) by the threads t < BN / 2 of a warpgroup; visible to the warpgroup after cp.async.wait_all and a
+// barrier. epiRows: the output rows of the 4 staged rows (t + 128 i) / 8 of a 64-row block (-1 past M).
+template <typename T, int BN>
+__device__ __forceinline__ void prefetchBias(uint32_t dst, const T* bias, int n0, int N, int t) {
+    if (t < BN / 2) {
+        const int n = n0 + 2 * t;
+        cpAsync4(dst + 4 * t, n < N ? bias + n : bias, n < N);
+    }
+}
+struct EpiRows {
+    int32_t row[4];
+};
+__device__ __forceinline__ EpiRows epiRows(int t, int mb, int M, const int32_t* rowIdx) {
+    EpiRows r;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = mb + ((t + 128 * i) >> 3);
+        r.row[i] = m < M ? (rowIdx ? __ldg(rowIdx + m) : m) : -1;
+    }
+    return r;
+}
+
 // The GEMM epilogue of one warpgroup's 64-row block (tile rows mb .. mb + 63, of which rows < M exist):
 // + bias, optional GELU, optional expert mask (p.rowMask, p.maskCols), written through stagedEpilogue64 to
-// D[row] with row = rowIdx[m] (gathered rows) or m. D and bias are already offset to the group's columns
-// (bias 4-byte aligned: the launchers check it). The rows' mask bits are turned into one keep bit per n8 block
-// up front; each 64-column chunk loads its 8 bias pairs together before any arithmetic.
+// D[rows.row[i]] (epiRows: rowIdx[m] for gathered rows, else m). D is already offset to the group's columns,
+// biasSmem holds the tile's bias columns (prefetchBias, complete). The rows' mask bits are turned into one keep
+// bit per n8 block up front.
 template <typename T, int BN, bool GELU, class Sync>
 __device__ __forceinline__ void epilogueBlock64(const GemmArgs<T>& p, const float* acc, uint32_t stg, int t, int mb,
-                                                int M, const int32_t* rowIdx, const T* bias, T* D, int n0,
-                                                Sync sync) {
+                                                int M, const int32_t* rowIdx, const EpiRows& rows, uint32_t biasSmem,
+                                                T* D, int n0, Sync sync) {
     constexpr int NJ = BN / 8;
     static_assert(NJ <= 32, "one keep bit per n8 block in 32 bits");
     const int wl = t >> 5, lane = t & 31, c2 = 2 * (lane & 3);
@@ -158,8 +189,8 @@ __device__ __forceinline__ void epilogueBlock64(const GemmArgs<T>& p, const floa
         uint32_t bpair[8];
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
-            const int n = n0 + 64 * q + 8 * jj + c2;
-            bpair[jj] = n < p.N ? __ldg(reinterpret_cast<const unsigned int*>(bias + n)) : 0u;
+            const uint32_t a = biasSmem + (uint32_t)(64 * q + 8 * jj + c2) * 2u;
+            asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(bpair[jj]) : "r"(a) : "memory");
         }
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
@@ -174,16 +205,8 @@ __device__ __forceinline__ void epilogueBlock64(const GemmArgs<T>& p, const floa
             }
         }
     };
-    int64_t drow[4];
-    bool rok[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int m = mb + ((t + 128 * i) >> 3);
-        rok[i] = m < M;
-        drow[i] = rok[i] ? (int64_t)(rowIdx ? __ldg(rowIdx + m) : m) * p.ldd : 0;
-    }
     auto store = [&](int i, int col, uint4 v) {
-        if (rok[i]) storeChunk8(D + drow[i] + n0 + col, n0 + col, p.N, v);
+        if (rows.row[i] >= 0) storeChunk8(D + (int64_t)rows.row[i] * p.ldd + n0 + col, n0 + col, p.N, v);
     };
     stagedEpilogue64<BN>(stg, t, compute, store, sync);
 }
