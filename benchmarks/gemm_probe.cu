@@ -8,7 +8,8 @@
 // With -DACTVAR_WS_TRACE (the library sources compiled with it too) each line of the warp-specialised kernel is
 // followed by its per-tile cycle breakdown (main loop, waits for full stages, epilogue) from the last launch.
 //
-// Prints one line per GEMM: fc1 over gathered rows (routed), fc1 over the same row counts but contiguous rows,
+// Prints one line per GEMM: fc1 over gathered rows (routed; also with the zeros of the unchosen slices written by its
+// producer), fc1 over the same row counts but contiguous rows,
 // both with GELU and without, and the dense fc2; time (CUDA events, median of 9 batches of 10) and TFLOP/s.
 #include "gemm_common.cuh"
 
@@ -81,6 +82,14 @@ int main(int argc, char** argv) {
         std::partial_sort(ord.begin(), ord.begin() + K, ord.end(), [&](int a, int b) { return lg[a] > lg[b]; });
         for (int j = 0; j < K; ++j) lists[(size_t)ord[j] * Tn + counts[ord[j]]++] = t;
     }
+    // the tokens that did not choose e, from the back of its list (as the plugin's counting sort writes them)
+    for (int e = 0; e < E; ++e) {
+        std::vector<char> in(Tn, 0);
+        for (int i = 0; i < counts[e]; ++i) in[lists[(size_t)e * Tn + i]] = 1;
+        int r = 0;
+        for (int t = 0; t < Tn; ++t)
+            if (!in[t]) lists[(size_t)e * Tn + Tn - 1 - r++] = t;
+    }
     const int maxM = *std::max_element(counts.begin(), counts.end());
     int64_t chosen = 0;
     for (int c : counts) chosen += c;
@@ -139,6 +148,10 @@ int main(int argc, char** argv) {
 #endif
     };
     line("fc1 routed (gathered) + GELU", timeUs([&] { return launchGemmSm90<T, true>(p1, E, maxM, sms, 0); }), fc1Flop);
+    GemmArgs<T> pz = p1;   // + the zeros of the unchosen slices (the plugin's routed fc1)
+    pz.zeroRest = true;
+    line("fc1 routed + GELU + unchosen zeros", timeUs([&] { return launchGemmSm90<T, true>(pz, E, maxM, sms, 0); }),
+         fc1Flop);
     line("fc1 routed (gathered), no GELU", timeUs([&] { return launchGemmSm90<T, false>(p1, E, maxM, sms, 0); }), fc1Flop);
     line("fc1 contiguous rows + GELU", timeUs([&] { return launchGemmSm90<T, true>(pc, E, maxM, sms, 0); }), fc1Flop);
     line("fc1 contiguous rows, no GELU", timeUs([&] { return launchGemmSm90<T, false>(pc, E, maxM, sms, 0); }), fc1Flop);

@@ -4,11 +4,13 @@
 //  1. route:  per-token top-k over logits -> experts [T, k] (ascending ids, ties to the lower id) and the
 //             per-token 64-bit membership mask
 //  2. count:  per-chunk (256 tokens) expert counts (fused into 1 when N <= 16)
-//  3. lists:  stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending
-//  4. zero:   H[token, e*d : (e+1)*d] = 0 for the unchosen (token, expert) pairs
-//  5. fc1:    grouped GEMM over (expert, tile of its chosen tokens): A rows gathered on the fly from h,
+//  3. lists:  stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending; the tokens that
+//             did not, from the back
+//  4. fc1:    grouped GEMM over (expert, tile of its chosen tokens): A rows gathered on the fly from h,
 //             B = rows [e*d, (e+1)*d) of fc1_w (a pointer offset, no copy), epilogue + b1, GELU(tanh),
 //             stored at H[token, e*d + j] (un-permuted on the fly, token order)
+//  5. zero:   H[token, e*d : (e+1)*d] = 0 for the unchosen (token, expert) pairs: by fc1's producer (asynchronous
+//             bulk copies of a zeroed shared-memory row) where the warp-specialised Hopper kernel runs, else a pass
 //  6. fc2:    out = H fc2_w^T + b2 (one GEMM over the masked hidden activations; b2 added once); on Hopper with
 //             few output tiles: split-K into fp32 partials + a reduction kernel that adds b2
 #include <cstdlib>
@@ -54,8 +56,9 @@ __global__ void __launch_bounds__(kChunk) expertCountKernel(const unsigned long 
     writeChunkCounts(t < T ? bits[t] : 0ull, N, chunkCounts);
 }
 
-// Pass 2: stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending. The block's
-// offsets (chosen tokens of earlier chunks) are summed by all 256 threads, 256 / N partial sums per expert.
+// Pass 2: stable counting sort: lists[e, :counts[e]] = the tokens that chose e, ascending, and lists[e, T - 1 - r]
+// = the r-th token that did not choose e (the complement, from the back: fc1 zeroes those rows' slices). The
+// block's offsets (chosen tokens of earlier chunks) are summed by all 256 threads, 256 / N partial sums per expert.
 __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long long* __restrict__ bits,
                                                             const int32_t* __restrict__ chunkCounts,
                                                             int32_t* __restrict__ lists, int32_t* __restrict__ counts,
@@ -85,10 +88,10 @@ __global__ void __launch_bounds__(kChunk) expertListsKernel(const unsigned long 
     for (int e = 0; e < N; ++e) {
         const bool chosen = (b >> e) & 1ull;
         const unsigned bal = __ballot_sync(0xFFFFFFFFu, chosen);
-        if (chosen) {
-            int pos = offs[e] + __popc(bal & ((1u << lane) - 1u));
+        if (t < T) {
+            int pos = offs[e] + __popc(bal & ((1u << lane) - 1u));   // tokens before t that chose e
             for (int w = 0; w < warp; ++w) pos += warpCnt[w][e];
-            lists[(size_t)e * T + pos] = t;
+            lists[(size_t)e * T + (chosen ? pos : T - 1 - (t - pos))] = t;
         }
     }
 }
@@ -480,13 +483,21 @@ int maskedDenseMaxTokens() {
 }
 #endif
 
+// ACTVAR_ZERO_PASS=1: the unchosen slices of H zeroed by the separate pass even where fc1 could (measurements).
+bool zeroPassForced() {
+    static const bool v = envInt("ACTVAR_ZERO_PASS", 0) != 0;
+    return v;
+}
+
+// *restZeroed (if given) is set when the kernel also honoured p.zeroRest (the sm_90a warp-specialised one only).
 template <typename T, bool GELU>
-cudaError_t launchGemm(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t stream, int numSms) {
+cudaError_t launchGemm(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t stream, int numSms,
+                       bool* restZeroed = nullptr) {
     bool mmaOk = false;
 #if defined(ACTVAR_HAVE_SM90A)
     if constexpr (!std::is_same<T, float>::value) {
         if (useWgmma()) {
-            const cudaError_t e = launchGemmSm90<T, GELU>(p, groups, maxM, numSms, stream);
+            const cudaError_t e = launchGemmSm90<T, GELU>(p, groups, maxM, numSms, stream, restZeroed);
             if (e != cudaErrorNotSupported) return e;
         }
     }
@@ -677,7 +688,12 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     p1.groupN = d;
     p1.rowIdx = lists; p1.rowIdxStride = Tn;
     p1.counts = counts;
-    if (k < N) {  // zeros for the unchosen (token, expert) slices of H (disjoint from what fc1 writes)
+    // zeros for the unchosen (token, expert) slices of H (disjoint from what fc1 writes): by fc1's producer where
+    // that kernel runs (the complements in the back of `lists`), else by a separate pass (ACTVAR_ZERO_PASS=1 forces it)
+    p1.zeroRest = k < N && !zeroPassForced();
+    bool zeroed = false;
+    if ((e = launchGemm<T, true>(p1, N, Tn, stream, sms, &zeroed)) != cudaSuccess) return e;
+    if (k < N && !zeroed) {
         const int64_t vecs = (int64_t)Tn * (N - k) * (sliceBytes / (v16 ? 16 : (int64_t)sizeof(T)));
         const int blocks = (int)std::min<int64_t>((vecs + 255) / 256, (int64_t)sms * 16);
         if (v16)
@@ -686,7 +702,6 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
             zeroUnchosenKernel<T><<<blocks, 256, 0, stream>>>(bits, Hb, Tn, N, N - k, ldhBytes, sliceBytes);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
-    if ((e = launchGemm<T, true>(p1, N, Tn, stream, sms)) != cudaSuccess) return e;
 
     return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);
 }

@@ -22,6 +22,10 @@ struct GemmArgs {
     float* partial;             // [kSplit, M, N] fp32 when kSplit > 1
     const unsigned long long* rowMask;  // sm_90a path only, optional: D[m, n] = 0 unless bit n / maskCols of
     int maskCols;                       // rowMask[m] is set (masked-dense fc1: experts own maskCols hidden units)
+    bool zeroRest;              // request: also zero D[row, g*groupN + n] for the rows NOT in group g, listed from the
+                                // back of rowIdx + g*rowIdxStride (entry M - 1 - r, r < M - counts[g]; needs
+                                // rowIdxStride == M); honoured only by the sm_90a warp-specialised gathered kernel,
+                                // which says so through the launchers' restZeroed
     bool pdl;                   // sm_90a path: launch as a programmatic dependent of the previous kernel
     int numGroups;              // set by the sm_90a launcher
     int mTiles;                 // set by the sm_90a launcher
@@ -55,11 +59,14 @@ inline int fc2SplitK(int T, int C, int hidden) {
 #if defined(ACTVAR_HAVE_SM90A)
 // Hopper (sm_90a) wgmma path, defined in gemm_sm90.cu. Returns cudaErrorNotSupported when the shape or
 // alignment is outside what it handles (the caller then falls back to the portable kernels).
+// *restZeroed (if given) is set when the launched kernel honoured p.zeroRest.
 template <typename T, bool GELU>
-cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream);
+cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream,
+                           bool* restZeroed = nullptr);
 // Warp-specialised, TMA-fed persistent variant (gemm_sm90_ws.cu); cfg 11-13 pick the tiling. Same fallback rule.
 template <typename T, bool GELU>
-cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream);
+cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream,
+                             bool* restZeroed = nullptr);
 #if defined(ACTVAR_WS_TRACE)
 // Probe builds only: the warp-specialised kernel's per-CTA cycle counts of its last launch (gemm_sm90_ws.cu),
 // copied to out[0 .. n) and reset; returns n (<= maxCtas), -1 on a CUDA error.

@@ -161,7 +161,8 @@ int gemmSm90CfgOverride(bool gelu) {
 }
 
 template <typename T, bool GELU>
-cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
+cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream,
+                           bool* restZeroed) {
     const bool ok = p.K % kBK == 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 && p.N % 2 == 0 && p.groupN % 2 == 0 &&
                     (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 && (uintptr_t)p.bias % 4 == 0 &&
                     p.ldd % 2 == 0 && ((int64_t)p.groupN * p.ldb) % 8 == 0 && p.K > 0 &&
@@ -188,7 +189,7 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     if (cfg == 0 && tiles128 >= numSms && !p.rowMask && (GELU || !p.rowIdx))
         cfg = !p.rowIdx && p.N % 256 != 0 && p.N % 192 == 0 ? 14 : 11;
     if (cfg == 11 || cfg == 12 || cfg == 14) {
-        const cudaError_t e = launchGemmSm90Ws<T, GELU>(p, groups, maxM, numSms, cfg, stream);
+        const cudaError_t e = launchGemmSm90Ws<T, GELU>(p, groups, maxM, numSms, cfg, stream, restZeroed);
         if (e != cudaErrorNotSupported) return e;
         cfg = 0;
     }
@@ -208,9 +209,9 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     return launchBn<T, 128, 4, GELU>(p, groups, maxM, stream);
 }
 
-template cudaError_t launchGemmSm90<__half, true>(const GemmArgs<__half>&, int, int, int, cudaStream_t);
-template cudaError_t launchGemmSm90<__half, false>(const GemmArgs<__half>&, int, int, int, cudaStream_t);
-template cudaError_t launchGemmSm90<__nv_bfloat16, true>(const GemmArgs<__nv_bfloat16>&, int, int, int, cudaStream_t);
-template cudaError_t launchGemmSm90<__nv_bfloat16, false>(const GemmArgs<__nv_bfloat16>&, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90<__half, true>(const GemmArgs<__half>&, int, int, int, cudaStream_t, bool*);
+template cudaError_t launchGemmSm90<__half, false>(const GemmArgs<__half>&, int, int, int, cudaStream_t, bool*);
+template cudaError_t launchGemmSm90<__nv_bfloat16, true>(const GemmArgs<__nv_bfloat16>&, int, int, int, cudaStream_t, bool*);
+template cudaError_t launchGemmSm90<__nv_bfloat16, false>(const GemmArgs<__nv_bfloat16>&, int, int, int, cudaStream_t, bool*);
 
 }  // namespace actvar

@@ -8,7 +8,9 @@
 //     GATHER (A rows through rowIdx: fc1 of the routed path; 96 registers): the 128 producer threads load A with
 //     16-byte cp.async, each thread's arrival on "full" made by the hardware once its copies have landed
 //     (cp.async.mbarrier.arrive.noinc); B still by TMA. (Gathered rows as 1-row TMA boxes were correct but
-//     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.)
+//     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.) With p.zeroRest they also zero the group's other rows
+//     (the tail of rowIdx) in the tile's columns, as asynchronous bulk copies of a zeroed shared-memory row
+//     (plugins/NOTES.md, v24).
 //   warpgroups 1, 2, consumers (232 registers): before a tile's main loop, copy its bias columns into shared
 //     memory and load its output rows (the epilogue then never waits for global memory: plugins/NOTES.md, v20);
 //     wgmma on the stages, release each stage ("empty" mbarrier) once the wgmma group that read it has retired,
@@ -37,9 +39,11 @@ using namespace sm90;
 constexpr int kWsThreads = 384;
 
 // Shared memory: the stages (1024-byte aligned), per consumer warpgroup an 8 KB staging buffer and 512 bytes of
-// bias, then the mbarriers.
+// bias, a 512-byte row of zeros (the source of the gathered producer's zero stores), then the mbarriers.
 template <int BN, int kStages>
-constexpr int wsSmemBytes() { return 1024 + kStages * (kBM + BN) * kBK * 2 + 2 * (8192 + 512) + 8 * (2 * kStages + 2); }
+constexpr int wsSmemBytes() {
+    return 1024 + kStages * (kBM + BN) * kBK * 2 + 2 * (8192 + 512) + 512 + 8 * (2 * kStages + 2);
+}
 
 #if defined(ACTVAR_WS_TRACE)
 // Probe builds only (benchmarks/gemm_probe.cu, -DACTVAR_WS_TRACE): cycle counts per CTA of the last launch.
@@ -95,6 +99,13 @@ __device__ __forceinline__ void tmaLoad2d(uint32_t dst, const CUtensorMap* map, 
         : "memory");
 }
 
+// Asynchronous bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to global
+// memory, in the thread's current bulk group.
+__device__ __forceinline__ void bulkStore(void* dst, uint32_t src, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cpAsyncArriveNoinc(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
@@ -111,7 +122,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smemRaw);
     const uint32_t sbase = (raw + 1023u) & ~1023u;   // stages, 1024-byte aligned (128B swizzle atoms)
     const uint32_t stgBase = sbase + kStages * STAGE, biasBase = stgBase + 2 * 8192;
-    const uint32_t bars = biasBase + 1024;  // full[s] at bars + 8s, empty[s] at + 8(kStages + s), turn[c] at + 8(2 kStages + c)
+    const uint32_t zeroRow = biasBase + 1024;
+    const uint32_t bars = zeroRow + 512;  // full[s] at bars + 8s, empty[s] at + 8(kStages + s), turn[c] at + 8(2 kStages + c)
     const int tid = threadIdx.x, wg = tid >> 7;
     if (tid < groups) sCount[tid] = p.counts ? p.counts[tid] : p.M;
     if (tid == 0) {
@@ -122,6 +134,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         mbarInit(bars + 8 * (2 * kStages), 4);
         mbarInit(bars + 8 * (2 * kStages + 1), 4);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (GATHER && p.zeroRest && tid >= 32 && tid < 64) {   // the zero row, visible to the bulk copies (async proxy)
+        asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(zeroRow + (tid - 32) * 16), "r"(0) : "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     }
     __syncthreads();
     const int KT = p.K / kBK;
@@ -139,8 +155,22 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             for (int L = blockIdx.x; L < total; L += gridDim.x) {
                 const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
                 const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
-                if (m0 >= M) continue;
                 const int32_t* rowIdx = p.rowIdx + g * p.rowIdxStride;
+                // p.zeroRest: this tile's share of the zeros of the group's other rows (rowIdx's tail), by bulk
+                // copies of the zero row: issued after the tile's first loads (or alone for an empty tile)
+                const auto zeros = [&] {
+                    const int rest = p.M - M, per = (rest + mTiles - 1) / mTiles;
+                    const int r1 = min(rest, (mt + 1) * per);
+                    const uint32_t bytes = (uint32_t)min(BN, p.N - n0) * (uint32_t)sizeof(T);
+                    T* Dg = p.D + (int64_t)g * p.groupN + n0;
+                    for (int r = mt * per + tid; r < r1; r += 128)
+                        bulkStore(Dg + (int64_t)__ldg(rowIdx + p.M - 1 - r) * p.ldd, zeroRow, bytes);
+                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                };
+                if (m0 >= M) {
+                    if (p.zeroRest && n0 < p.N) zeros();
+                    continue;
+                }
                 const T* aRow[kBM / 16];
                 uint32_t aOk = 0;
 #pragma unroll
@@ -164,9 +194,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                     for (int i = 0; i < kBM / 16; ++i)
                         cpAsync16(st + dOff + i * 2048, aRow[i] + kt * kBK, (aOk >> i) & 1u);
                     cpAsyncArriveNoinc(full);
+                    if (kt == 0 && p.zeroRest && n0 < p.N) zeros();
                 }
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");   // the zero stores (and their reads of zeroRow)
             WS_TRACE(if (tid == 0 && blockIdx.x < kWsTraceCtas) {
                 gWsTrace[blockIdx.x][4] = pWait;
                 gWsTrace[blockIdx.x][5] = clock64() - pStart;
@@ -341,7 +373,8 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
 // cudaErrorNotSupported outside the kernel's contract (split-K, misaligned, > 2^31 elements, no driver entry
 // point), so that the caller can fall back.
 template <typename T, bool GELU>
-cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream) {
+cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream,
+                             bool* restZeroed) {
     const bool ok = p.kSplit <= 1 && (!p.rowIdx || GELU) && p.K % kBK == 0 && p.K > 0 && p.lda % 8 == 0 && p.ldb % 8 == 0 &&
                     (uintptr_t)p.A % 16 == 0 && (uintptr_t)p.B % 16 == 0 && (uintptr_t)p.D % 4 == 0 && (uintptr_t)p.bias % 4 == 0 &&
                     p.N % 2 == 0 && p.groupN % 2 == 0 && p.ldd % 2 == 0 && groups <= ACTVAR_MAX_EXPERTS &&
@@ -349,17 +382,26 @@ cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int num
                     (int64_t)maxM * p.ldd < ((int64_t)1 << 31) && (int64_t)p.M * p.ldd < ((int64_t)1 << 31);
     if (!ok) return cudaErrorNotSupported;
     if constexpr (GELU) {   // fc1 over gathered rows (the routed path): cp.async producer for A
-        if (p.rowIdx && cfg == 12) return launchTmaWs<T, 128, 6, GELU, false, true>(p, groups, maxM, numSms, stream);
-        if (p.rowIdx) return launchTmaWs<T, 256, 4, GELU, true, true>(p, groups, maxM, numSms, stream);
+        if (p.rowIdx) {
+            // the zeros of p.zeroRest: whole 16-byte-aligned row pieces of at most 512 bytes
+            GemmArgs<T> q = p;
+            q.zeroRest = p.zeroRest && p.rowIdxStride == p.M && (uintptr_t)p.D % 16 == 0 &&
+                         (p.ldd * sizeof(T)) % 16 == 0 && (p.groupN * sizeof(T)) % 16 == 0 &&
+                         (p.N * sizeof(T)) % 16 == 0;
+            const cudaError_t e = cfg == 12 ? launchTmaWs<T, 128, 6, GELU, false, true>(q, groups, maxM, numSms, stream)
+                                            : launchTmaWs<T, 256, 4, GELU, true, true>(q, groups, maxM, numSms, stream);
+            if (e == cudaSuccess && restZeroed) *restZeroed = q.zeroRest;
+            return e;
+        }
     }
     if (cfg == 12) return launchTmaWs<T, 128, 6, GELU, false>(p, groups, maxM, numSms, stream);
     if (cfg == 14) return launchTmaWs<T, 192, 5, GELU, true>(p, groups, maxM, numSms, stream);
     return launchTmaWs<T, 256, 4, GELU, true>(p, groups, maxM, numSms, stream);
 }
 
-template cudaError_t launchGemmSm90Ws<__half, true>(const GemmArgs<__half>&, int, int, int, int, cudaStream_t);
-template cudaError_t launchGemmSm90Ws<__half, false>(const GemmArgs<__half>&, int, int, int, int, cudaStream_t);
-template cudaError_t launchGemmSm90Ws<__nv_bfloat16, true>(const GemmArgs<__nv_bfloat16>&, int, int, int, int, cudaStream_t);
-template cudaError_t launchGemmSm90Ws<__nv_bfloat16, false>(const GemmArgs<__nv_bfloat16>&, int, int, int, int, cudaStream_t);
+template cudaError_t launchGemmSm90Ws<__half, true>(const GemmArgs<__half>&, int, int, int, int, cudaStream_t, bool*);
+template cudaError_t launchGemmSm90Ws<__half, false>(const GemmArgs<__half>&, int, int, int, int, cudaStream_t, bool*);
+template cudaError_t launchGemmSm90Ws<__nv_bfloat16, true>(const GemmArgs<__nv_bfloat16>&, int, int, int, int, cudaStream_t, bool*);
+template cudaError_t launchGemmSm90Ws<__nv_bfloat16, false>(const GemmArgs<__nv_bfloat16>&, int, int, int, int, cudaStream_t, bool*);
 
 }  // namespace actvar
