@@ -31,8 +31,11 @@ using T = __nv_bfloat16;
         }                                                                                       \
     } while (0)
 
+static int gLaunches = 0;   // launches of the last timeUs call
+
 template <class F>
 float timeUs(F f) {
+    gLaunches = 3 + 9 * 10;
     cudaEvent_t a, b;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
@@ -133,7 +136,8 @@ int main(int argc, char** argv) {
 #if defined(ACTVAR_WS_TRACE)
         // the warp-specialised kernel's cycle counts of the last launch (absent for the other kernels)
         static unsigned long long tr[kWsTraceCtas][8];
-        const int n = wsTraceFetch(tr, kWsTraceCtas);
+        unsigned long long epi[4] = {};
+        const int n = wsTraceFetch(tr, kWsTraceCtas, epi);
         double s[8] = {};
         int ctas = 0;
         for (int b = 0; b < n; ++b) {
@@ -145,6 +149,12 @@ int main(int argc, char** argv) {
                         " epilogue %.0f cyc; producer waiting %.0f %%; %.0f MHz\n",
                         ctas, s[0] / ctas, s[1] / s[0], s[2] / s[0], s[3] / s[0], 100.0 * s[4] / (s[5] > 0 ? s[5] : 1),
                         s[6] > 0 ? 1e3 * s[7] / s[6] : 0.0);
+        if (ctas > 0) {   // summed over all launches of the line: per tile and launch
+            const double k = 1.0 / (s[0] * gLaunches);
+            std::printf("    epilogue phases per tile: arithmetic + shared stores %.0f, barrier %.0f,"
+                        " shared loads + global stores %.0f, barrier %.0f cyc\n",
+                        epi[0] * k, epi[1] * k, epi[2] * k, epi[3] * k);
+        }
 #endif
     };
     line("fc1 routed (gathered) + GELU", timeUs([&] { return launchGemmSm90<T, true>(p1, E, maxM, sms, 0); }), fc1Flop);

@@ -50,7 +50,8 @@ section_bench() {
 section_probe() {
     # the expert-FFN GEMMs alone (benchmarks/gemm_probe.cu) at the large shapes; PROBE_CFGS lists the
     # ACTVAR_FC1_CFG values to compare (0 = automatic), PROBE_SHAPES the "C T" pairs, comma-separated;
-    # PROBE_TRACE=1 adds the warp-specialised kernel's per-tile cycle breakdown (-DACTVAR_WS_TRACE)
+    # PROBE_TRACE=1 adds the warp-specialised kernel's per-tile cycle breakdown and its epilogue's phases
+    # (-DACTVAR_WS_TRACE)
     echo "== probe: benchmarks/gemm_probe.cu"
     mkdir -p build/probe
     local trace=""

@@ -69,9 +69,10 @@ cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int num
                              bool* restZeroed = nullptr);
 #if defined(ACTVAR_WS_TRACE)
 // Probe builds only: the warp-specialised kernel's per-CTA cycle counts of its last launch (gemm_sm90_ws.cu),
-// copied to out[0 .. n) and reset; returns n (<= maxCtas), -1 on a CUDA error.
+// copied to out[0 .. n) and reset, and its epilogue's phases summed since the previous fetch (epi[4],
+// sm90_util.cuh); returns n (<= maxCtas), -1 on a CUDA error.
 constexpr int kWsTraceCtas = 256;
-int wsTraceFetch(unsigned long long (*out)[8], int maxCtas);
+int wsTraceFetch(unsigned long long (*out)[8], int maxCtas, unsigned long long* epi);
 #endif
 // The tile configuration forced through ACTVAR_FC1_CFG (gelu) / ACTVAR_FC2_CFG, 0 = automatic (gemm_sm90.cu).
 int gemmSm90CfgOverride(bool gelu);

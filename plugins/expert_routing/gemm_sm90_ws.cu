@@ -308,10 +308,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
 #if defined(ACTVAR_WS_TRACE)
 }  // namespace
-int wsTraceFetch(unsigned long long (*out)[8], int maxCtas) {
+int wsTraceFetch(unsigned long long (*out)[8], int maxCtas, unsigned long long* epi) {
     const int n = std::min(maxCtas, kWsTraceCtas);
-    if (cudaMemcpyFromSymbol(out, gWsTrace, sizeof(unsigned long long) * 8 * n) != cudaSuccess) return -1;
     static unsigned long long zeros[kWsTraceCtas][8];
+    if (cudaMemcpyFromSymbol(out, gWsTrace, sizeof(unsigned long long) * 8 * n) != cudaSuccess ||
+        cudaMemcpyFromSymbol(epi, gEpiTrace, sizeof(unsigned long long) * 4) != cudaSuccess ||
+        cudaMemcpyToSymbol(gEpiTrace, zeros, sizeof(unsigned long long) * 4) != cudaSuccess)
+        return -1;
     return cudaMemcpyToSymbol(gWsTrace, zeros, sizeof(zeros)) == cudaSuccess ? n : -1;
 }
 namespace {

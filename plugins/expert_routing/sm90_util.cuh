@@ -70,12 +70,25 @@ __device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) 
 // written into `stg` (64 rows x 128 bytes = 8 KB, 16-byte chunks XOR-swizzled by row so that neither phase has
 // bank conflicts), sync(), then read back row-wise as 16-byte chunks and handed to store(i, col, chunk) (i: which
 // of its 4 rows, rows (t + 128 i) / 8), sync() before the buffer is reused.
+#if defined(ACTVAR_WS_TRACE)
+namespace {
+// Probe builds only: the epilogue's phases in cycles, summed over a launch by thread 128 of each CTA (the first
+// consumer warpgroup of the warp-specialised kernel): [0] arithmetic + shared stores, [1] the first barrier,
+// [2] shared loads + global stores, [3] the second barrier (read by wsTraceFetch, gemm_sm90_ws.cu).
+__device__ unsigned long long gEpiTrace[4];
+}  // namespace
+#define EPI_TRACE(...) __VA_ARGS__
+#else
+#define EPI_TRACE(...)
+#endif
+
 template <int BN, class Compute, class Store, class Sync>
 __device__ __forceinline__ void stagedEpilogue64(uint32_t stg, int t, Compute compute, Store store, Sync sync) {
     static_assert(BN % 64 == 0, "column chunks of 64");
     const int wl = t >> 5, lane = t & 31;
 #pragma unroll
     for (int q = 0; q < BN / 64; ++q) {
+        EPI_TRACE(const long long c0 = clock64();)
         uint32_t pk[16];
         compute(q, pk);
 #pragma unroll
@@ -86,7 +99,9 @@ __device__ __forceinline__ void stagedEpilogue64(uint32_t stg, int t, Compute co
                 const uint32_t a = stg + row * 128 + ((jj ^ (row & 7)) << 4) + (lane & 3) * 4;
                 asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(pk[2 * jj + h]) : "memory");
             }
+        EPI_TRACE(const long long c1 = clock64();)
         sync();
+        EPI_TRACE(const long long c2 = clock64();)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int idx = t + 128 * i, row = idx >> 3, c = idx & 7;
@@ -98,7 +113,14 @@ __device__ __forceinline__ void stagedEpilogue64(uint32_t stg, int t, Compute co
                          : "memory");
             store(i, 64 * q + 8 * c, v);
         }
+        EPI_TRACE(const long long c3 = clock64();)
         sync();
+        EPI_TRACE(if (threadIdx.x == 128) {
+            atomicAdd(&gEpiTrace[0], (unsigned long long)(c1 - c0));
+            atomicAdd(&gEpiTrace[1], (unsigned long long)(c2 - c1));
+            atomicAdd(&gEpiTrace[2], (unsigned long long)(c3 - c2));
+            atomicAdd(&gEpiTrace[3], (unsigned long long)(clock64() - c3));
+        })
     }
 }
 
