@@ -145,9 +145,24 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
     if (wg == 0) {
         // ---------------- producer ----------------
+        // the ring from the producer's side: wait until stage pos % kStages is free; its buffer and "full" barrier
+        WS_TRACE(const long long pStart = clock64(); long long pWait = 0;)
+        const auto acquireStage = [&](int pos, uint32_t& st, uint32_t& full) {
+            const int s = pos % kStages;
+            WS_TRACE(const long long tw = clock64();)
+            mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
+            WS_TRACE(pWait += clock64() - tw;)
+            st = sbase + (uint32_t)s * STAGE;
+            full = bars + 8 * s;
+        };
+        const auto traceDone = [&] {   // the producer's totals, by thread 0
+            WS_TRACE(if (tid == 0 && blockIdx.x < kWsTraceCtas) {
+                gWsTrace[blockIdx.x][4] = pWait;
+                gWsTrace[blockIdx.x][5] = clock64() - pStart;
+            })
+        };
         if constexpr (GATHER) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 96;\n" ::: "memory");
-            WS_TRACE(const long long pStart = clock64(); long long pWait = 0;)
             const int ch = tid & 7, r0 = tid >> 3;   // 16-byte chunk ch of rows r0 + 16 i
             const uint32_t dOff = (uint32_t)r0 * 128u + (uint32_t)((ch ^ (r0 & 7)) << 4);
             if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
@@ -181,11 +196,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                 }
                 const int bRow = g * p.groupN + n0;
                 for (int kt = 0; kt < KT; ++kt, ++pos) {
-                    const int s = pos % kStages;
-                    WS_TRACE(const long long tw = clock64();)
-                    mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
-                    WS_TRACE(pWait += clock64() - tw;)
-                    const uint32_t st = sbase + (uint32_t)s * STAGE, full = bars + 8 * s;
+                    uint32_t st, full;
+                    acquireStage(pos, st, full);
                     if (tid == 0) {
                         mbarExpectTx(full, B_BYTES);
                         tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
@@ -199,17 +211,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");
             asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");   // the zero stores (and their reads of zeroRow)
-            WS_TRACE(if (tid == 0 && blockIdx.x < kWsTraceCtas) {
-                gWsTrace[blockIdx.x][4] = pWait;
-                gWsTrace[blockIdx.x][5] = clock64() - pStart;
-            })
+            traceDone();
             return;
         }
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (tid != 0) return;
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapA)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
-        WS_TRACE(const long long pStart = clock64(); long long pWait = 0;)
         int pos = 0;
         for (int L = blockIdx.x; L < total; L += gridDim.x) {
             const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
@@ -217,20 +225,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             if (m0 >= sCount[g]) continue;
             const int bRow = g * p.groupN + n0;
             for (int kt = 0; kt < KT; ++kt, ++pos) {
-                const int s = pos % kStages;
-                WS_TRACE(const long long tw = clock64();)
-                mbarWait(bars + 8 * (kStages + s), ((pos / kStages) & 1) ^ 1);
-                WS_TRACE(pWait += clock64() - tw;)
-                const uint32_t st = sbase + (uint32_t)s * STAGE, full = bars + 8 * s;
+                uint32_t st, full;
+                acquireStage(pos, st, full);
                 mbarExpectTx(full, STAGE);
                 tmaLoad2d(st, &mapA, kt * kBK, m0, full);
                 tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
             }
         }
-        WS_TRACE(if (blockIdx.x < kWsTraceCtas) {
-            gWsTrace[blockIdx.x][4] = pWait;
-            gWsTrace[blockIdx.x][5] = clock64() - pStart;
-        })
+        traceDone();
         return;
     }
 
