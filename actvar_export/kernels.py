@@ -168,9 +168,9 @@ def route_experts(logits_TN: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def expert_ffn_uses_cublaslt() -> int:
-    """1 if the expert FFN's small-T dense path runs its GEMMs through cuBLASLt, 0 if cuBLASLt could not be
-    opened or is disabled (ACTVAR_DISABLE_CUBLASLT=1; the plugin's own kernels run), -1 if the library was built
-    without the cuBLASLt header."""
+    """1 if the expert FFN's small-T dense path and its routed path's fc2 run through cuBLASLt, 0 if cuBLASLt
+    could not be opened or is disabled (ACTVAR_DISABLE_CUBLASLT=1; the plugin's own kernels run), -1 if the library
+    was built without the cuBLASLt header."""
     return int(load_library().actvarExpertFfnCublasLt())
 
 

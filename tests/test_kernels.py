@@ -258,17 +258,20 @@ ROUTED = {"ACTVAR_DENSE_MAX_T": "0", "ACTVAR_MASKED_DENSE_MAX_T": "0"}
                                     {"ACTVAR_DENSE_MAX_T": "0", "ACTVAR_FC2_CFG": "12", "ACTVAR_FC1_CFG": "12"},
                                     {**ROUTED, "ACTVAR_FC1_CFG": "11"},
                                     {**ROUTED, "ACTVAR_FC1_CFG": "4"},
-                                    {**ROUTED, "ACTVAR_ZERO_PASS": "1"}],
+                                    {**ROUTED, "ACTVAR_ZERO_PASS": "1"},
+                                    {**ROUTED, "ACTVAR_DISABLE_CUBLASLT": "1"}],
                          ids=["routed", "dense_cublaslt", "masked_dense_own", "fc2_tma_256", "tma_pingpong",
-                              "fc1_gather_tma_coop", "fc1_gather_cp_async", "routed_zero_pass"])
+                              "fc1_gather_tma_coop", "fc1_gather_cp_async", "routed_zero_pass", "routed_own_fc2"])
 def test_expert_ffn_both_paths(dev, forced):
     """Every Hopper path must meet the reference on every expert shape: rerun the expert tests with the routed
     path forced for all T, the dense path forced for all T (cuBLASLt GEMMs; and the plugin's own
     masked-dense kernels with cuBLASLt disabled), the TMA fc2 kernel with 128 x 256
     tiles everywhere (partial column tiles at C = 1920), the ping-pong TMA kernel for fc2 and for both fc1s
     (gathered rows by a cp.async producer), the cooperative TMA kernel for the gathered fc1, the
-    2-CTA-per-SM cp.async kernel for it, and the routed path with the unchosen slices of H zeroed by the separate
-    pass instead of fc1's producer. The settings are read once per process, hence a child process."""
+    2-CTA-per-SM cp.async kernel for it, the routed path with the unchosen slices of H zeroed by the separate
+    pass instead of fc1's producer, and the routed path without cuBLASLt (its fc2 then by the plugin's own kernel
+    with the automatic tile choice; with cuBLASLt, fc2 runs through it unless ACTVAR_FC2_CFG forces a tiling).
+    The settings are read once per process, hence a child process."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "OUT"}

@@ -29,9 +29,9 @@ ACTVAR_API cudaError_t actvarExpertFfn(const void* h, const float* logits, const
                             int hidden, int N, int top_k, int dtype, void* workspace, size_t workspace_size,
                             cudaStream_t stream);
 
-/* Whether actvarExpertFfn's small-T dense path can use cuBLASLt: 1 = opened (libcublasLt.so.13), 0 = not
- * loadable or disabled by ACTVAR_DISABLE_CUBLASLT=1 (the plugin's own kernels run instead), -1 = library built
- * without the cuBLASLt header. */
+/* Whether actvarExpertFfn's small-T dense path and its routed path's fc2 can use cuBLASLt: 1 = opened
+ * (libcublasLt.so.13), 0 = not loadable or disabled by ACTVAR_DISABLE_CUBLASLT=1 (the plugin's own kernels run
+ * instead), -1 = library built without the cuBLASLt header. */
 ACTVAR_API int actvarExpertFfnCublasLt(void);
 
 #ifdef __cplusplus

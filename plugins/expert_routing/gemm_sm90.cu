@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, (BN == 128 && kStages == 3) ? 2 : 1)
     // the main loop; warpgroup wg stages its 64 rows in the first 8 KB (16 KB) of stage 0.
     __syncthreads();
     epilogueBlock64<T, BN, GELU>(p, acc, sbase + wg * 8192, tid & 127, m0 + wg * 64, M, rowIdx, rows, biasSmem,
-                                 p.D + (int64_t)g * p.groupN, n0, [] { __syncthreads(); });
+                                 p.D + (int64_t)g * p.groupN, n0);
 #endif
 }
 

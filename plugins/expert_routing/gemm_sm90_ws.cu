@@ -38,11 +38,12 @@ using namespace sm90;
 
 constexpr int kWsThreads = 384;
 
-// Shared memory: the stages (1024-byte aligned), per consumer warpgroup an 8 KB staging buffer and 512 bytes of
-// bias, a 512-byte row of zeros (the source of the gathered producer's zero stores), then the mbarriers.
+// Shared memory: the stages (1024-byte aligned), per consumer warpgroup an 8 KB staging buffer and two 512-byte
+// bias buffers (alternate tiles), a 512-byte row of zeros (the source of the gathered producer's zero stores), then
+// the mbarriers.
 template <int BN, int kStages>
 constexpr int wsSmemBytes() {
-    return 1024 + kStages * (kBM + BN) * kBK * 2 + 2 * (8192 + 512) + 512 + 8 * (2 * kStages + 2);
+    return 1024 + kStages * (kBM + BN) * kBK * 2 + 2 * (8192 + 1024) + 512 + 8 * (2 * kStages + 2);
 }
 
 #if defined(ACTVAR_WS_TRACE)
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smemRaw);
     const uint32_t sbase = (raw + 1023u) & ~1023u;   // stages, 1024-byte aligned (128B swizzle atoms)
     const uint32_t stgBase = sbase + kStages * STAGE, biasBase = stgBase + 2 * 8192;
-    const uint32_t zeroRow = biasBase + 1024;
+    const uint32_t zeroRow = biasBase + 2048;
     const uint32_t bars = zeroRow + 512;  // full[s] at bars + 8s, empty[s] at + 8(kStages + s), turn[c] at + 8(2 kStages + c)
     const int tid = threadIdx.x, wg = tid >> 7;
     if (tid < groups) sCount[tid] = p.counts ? p.counts[tid] : p.M;
@@ -242,9 +243,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int cw = wg - 1, t = tid & 127;
     const int lane = tid & 31;
     const uint32_t myTurn = bars + 8 * (2 * kStages + cw), otherTurn = bars + 8 * (2 * kStages + 1 - cw);
-    const uint32_t stg = stgBase + cw * 8192, biasSmem = biasBase + cw * 512;
-    const auto sync = [cw] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory"); };
-    int ord = 0, turns = 0;
+    const uint32_t stg = stgBase + cw * 8192;
+    int ord = 0, turns = 0, mine = 0;
     WS_TRACE(const long long cStart = clock64(); const uint64_t nsStart = globalTimerNs();
              long long cMain = 0, cFull = 0, cEpi = 0, cTiles = 0; const bool tr = tid == 128;)
     for (int L = blockIdx.x; L < total; L += gridDim.x) {
@@ -258,6 +258,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const int rowBase = COOP ? 64 * cw : 0;
         // the epilogue's bias columns and output rows, requested before the main loop (sm90_util.cuh)
         const int32_t* rowIdx = GATHER ? p.rowIdx + g * p.rowIdxStride : nullptr;
+        // bias buffers alternate between this consumer's tiles: the barrier before tile j's epilogue orders
+        // every read of tile j - 1's bias before tile j + 1's prefetch overwrites it
+        const uint32_t biasSmem = biasBase + cw * 1024 + (mine++ & 1) * 512;
         prefetchBias<T, BN>(biasSmem, p.bias + (int64_t)g * p.groupN, n0, p.N, t);
         EpiRows rows[NSUB];
 #pragma unroll
@@ -293,11 +296,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
         // epilogue (sm90_util.cuh), staged through this consumer's buffer, one 64-row block at a time
         asm volatile("cp.async.wait_all;\n" ::: "memory");
-        sync();   // the bias columns are in shared memory
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");   // the bias columns are in shared memory
 #pragma unroll
         for (int u = 0; u < NSUB; ++u)
             epilogueBlock64<T, BN, GELU>(p, acc[u], stg, t, m0 + rowBase + 64 * u, M, rowIdx, rows[u], biasSmem,
-                                         p.D + (int64_t)g * p.groupN, n0, sync);
+                                         p.D + (int64_t)g * p.groupN, n0);
         WS_TRACE(if (tr) cEpi += clock64() - t1;)
     }
     WS_TRACE(if (tr && blockIdx.x < kWsTraceCtas) {
