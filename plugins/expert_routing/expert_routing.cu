@@ -609,6 +609,14 @@ cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int 
     return launchGemm<T, false>(p2, 1, Tn, stream, sms);
 }
 
+// fc1 + b1 + GELU (gelu) or fc2 + b2 as one cuBLASLt GEMM: D[M, N] = epi(A[M, K] B[N, K]^T + bias); fp16/bf16 only.
+template <typename T>
+cudaError_t ltGemm(const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias, T* D, int64_t ldd, int M, int N,
+                   int K, bool gelu, void* lws, cudaStream_t stream) {
+    const int dt = std::is_same<T, __half>::value ? ACTVAR_DTYPE_FLOAT16 : ACTVAR_DTYPE_BFLOAT16;
+    return ltGemmNT(dt, A, lda, B, ldb, bias, D, ldd, M, N, K, gelu, lws, kLtWorkspaceBytes, stream);
+}
+
 template <typename T>
 cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T* b1, const T* w2, const T* b2, T* out,
                           int32_t* expertsOut, int Tn, int C, int hidden, int N, int k, char* ws, cudaStream_t stream) {
@@ -634,9 +642,8 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     // H; this one writes a quarter). Same result as the routed path up to fp32 summation order.
     if constexpr (!std::is_same<T, float>::value) {
         if (Tn <= denseMaxTokens() && ltAvailable()) {
-            const int dt = std::is_same<T, __half>::value ? ACTVAR_DTYPE_FLOAT16 : ACTVAR_DTYPE_BFLOAT16;
             void* lws = ws + L.lt;
-            e = ltGemmNT(dt, h, C, w1, C, b1, H, hidden, Tn, hidden, C, true, lws, kLtWorkspaceBytes, stream);
+            e = ltGemm(h, C, w1, C, b1, H, hidden, Tn, hidden, C, true, lws, stream);
             if (e == cudaSuccess) {
                 const dim3 grid((Tn + 7) / 8), block(256);
                 if (v16)
@@ -646,8 +653,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
                     routeZeroKernel<T><<<grid, block, 0, stream>>>(logits, experts, Hb, Tn, N, k, ldhBytes,
                                                                     sliceBytes);
                 if ((e = cudaGetLastError()) != cudaSuccess) return e;
-                e = ltGemmNT(dt, H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, kLtWorkspaceBytes,
-                             stream);
+                e = ltGemm(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, stream);
                 if (e != cudaErrorNotSupported) return e;
                 return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);   // H is complete
 
@@ -712,9 +718,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
 
     if constexpr (!std::is_same<T, float>::value) {
         if (fc2ByCublasLt()) {
-            const int dt = std::is_same<T, __half>::value ? ACTVAR_DTYPE_FLOAT16 : ACTVAR_DTYPE_BFLOAT16;
-            e = ltGemmNT(dt, H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, ws + L.lt, kLtWorkspaceBytes,
-                         stream);
+            e = ltGemm(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, ws + L.lt, stream);
             if (e != cudaErrorNotSupported) return e;
         }
     }
