@@ -7,7 +7,10 @@
 //     the bytes (expect_tx), no thread waits for a copy to land.
 //     GATHER (A rows through rowIdx: fc1 of the routed path; 96 registers): the 128 producer threads load A with
 //     16-byte cp.async, each thread's arrival on "full" made by the hardware once its copies have landed
-//     (cp.async.mbarrier.arrive.noinc); B still by TMA. (Gathered rows as 1-row TMA boxes were correct but
+//     (cp.async.mbarrier.arrive.noinc); B still by TMA. CL = 2 (the cooperative gathered fc1): clusters of two
+//     CTAs take the two m-tiles of one (expert, n-tile) pair and share its B tile, each loading half of it by
+//     TMA multicast into both; a stage is then free once the consumers of both CTAs released it (remote
+//     mbarrier arrivals), so the two rings advance in step (plugins/NOTES.md, v29). (Gathered rows as 1-row TMA boxes were correct but
 //     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.) With p.zeroRest they also zero the group's other rows
 //     (the tail of rowIdx) in the tile's columns, as asynchronous bulk copies of a zeroed shared-memory row
 //     (plugins/NOTES.md, v24).
@@ -18,9 +21,10 @@
 //     chunks (sm90_util.cuh).
 //     COOP: both consumers work on every 128 x BN tile (rows 64c..64c+63); else ping-pong: consumers take
 //     alternate 128 x BN tiles, so one's epilogue overlaps the other's MMAs.
-// Tiles L = (mTile * groups + group) * nTiles + nTile, CTA b taking L = b, b + grid, ...; tiles beyond a group's
-// row count are skipped by all roles alike, so the ring position of step k of the CTA's j-th non-empty tile is
-// j * KT + k for everybody. Ping-pong ordering ("turn" barriers): an mbarrier parity wait is only meaningful
+// Units L = (mUnit * groups + group) * nTiles + nTile of CL m-tiles each (CTA rank r of a cluster takes m-tile
+// CL * mUnit + r), cluster c taking L = c, c + clusters, ...; units whose first m-tile lies beyond a group's row
+// count are skipped by all roles alike (an empty second m-tile still takes part: zero rows, no stores), so the
+// ring position of step k of the CTA's j-th non-empty unit is j * KT + k for everybody. Ping-pong ordering ("turn" barriers): an mbarrier parity wait is only meaningful
 // one phase ahead, so the consumer of tile j + 1 starts waiting on stages only after the consumer of tile j
 // has acquired its last stage (see plugins/NOTES.md, v8).
 #include "sm90_util.cuh"
@@ -107,11 +111,30 @@ __device__ __forceinline__ void bulkStore(void* dst, uint32_t src, uint32_t byte
                  : "memory");
 }
 
+// Arrival on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbarArriveRemote(uint32_t bar, uint32_t rank) {
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar), "r"(rank)
+                 : "memory");
+}
+// As tmaLoad2d, but the box lands at the same offset in every CTA of ctaMask, each one's `bar` counting its bytes.
+__device__ __forceinline__ void tmaLoad2dMulticast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
+                                                   uint16_t ctaMask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3}], [%4], %5;\n"
+        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(ctaMask)
+        : "memory");
+}
+__device__ __forceinline__ void clusterSync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void cpAsyncArriveNoinc(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-template <typename T, int BN, int kStages, bool GELU, bool COOP, bool GATHER>
+template <typename T, int BN, int kStages, bool GELU, bool COOP, bool GATHER, int CL>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemmTmaWsKernel(GemmArgs<T> p, const __grid_constant__ CUtensorMap mapA, const __grid_constant__ CUtensorMap mapB,
                     int groups, int mTiles, int nTiles) {
@@ -130,7 +153,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if (tid == 0) {
         for (int s = 0; s < kStages; ++s) {
             mbarInit(bars + 8 * s, GATHER ? 129 : 1);   // the expect_tx arrival (+ 128 cp.async arrivals)
-            mbarInit(bars + 8 * (kStages + s), COOP ? 8 : 4);     // one lane per consuming warp
+            mbarInit(bars + 8 * (kStages + s), (COOP ? 8 : 4) * CL);   // one lane per consuming warp (of the cluster)
         }
         mbarInit(bars + 8 * (2 * kStages), 4);
         mbarInit(bars + 8 * (2 * kStages + 1), 4);
@@ -140,9 +163,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(zeroRow + (tid - 32) * 16), "r"(0) : "memory");
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     }
-    __syncthreads();
+    if constexpr (CL > 1) clusterSync();   // the peer's barriers are initialised before anyone arrives on them
+    else __syncthreads();
     const int KT = p.K / kBK;
-    const int total = mTiles * groups * nTiles;
+    // work units: CL consecutive m-tiles of one (group, n-tile), CTA rank r of a cluster taking m-tile CL * mu + r;
+    // with CL = 2 the two CTAs share the B tile (each loads half of it and multicasts it to both)
+    const int crank = CL > 1 ? (int)(blockIdx.x % CL) : 0, cid = blockIdx.x / CL, ncl = gridDim.x / CL;
+    const int total = (mTiles + CL - 1) / CL * groups * nTiles;
 
     if (wg == 0) {
         // ---------------- producer ----------------
@@ -168,8 +195,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             const uint32_t dOff = (uint32_t)r0 * 128u + (uint32_t)((ch ^ (r0 & 7)) << 4);
             if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
             int pos = 0;
-            for (int L = blockIdx.x; L < total; L += gridDim.x) {
-                const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
+            for (int L = cid; L < total; L += ncl) {
+                const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups) * CL + crank;
                 const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
                 const int32_t* rowIdx = p.rowIdx + g * p.rowIdxStride;
                 // p.zeroRest: this tile's share of the zeros of the group's other rows (rowIdx's tail), by bulk
@@ -183,7 +210,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                         bulkStore(Dg + (int64_t)__ldg(rowIdx + p.M - 1 - r) * p.ldd, zeroRow, bytes);
                     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
                 };
-                if (m0 >= M) {
+                if ((mt - crank) * kBM >= M) {   // the unit is empty (its own m-tile may be empty in a non-empty unit)
                     if (p.zeroRest && n0 < p.N) zeros();
                     continue;
                 }
@@ -201,7 +228,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                     acquireStage(pos, st, full);
                     if (tid == 0) {
                         mbarExpectTx(full, B_BYTES);
-                        tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
+                        if constexpr (CL > 1)   // this CTA's BN / CL rows of B, into every CTA of the cluster
+                            tmaLoad2dMulticast(st + A_BYTES + crank * (B_BYTES / CL), &mapB, kt * kBK,
+                                               bRow + crank * (BN / CL), full, (uint16_t)((1u << CL) - 1));
+                        else
+                            tmaLoad2d(st + A_BYTES, &mapB, kt * kBK, bRow, full);
                     }
 #pragma unroll
                     for (int i = 0; i < kBM / 16; ++i)
@@ -213,6 +244,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             asm volatile("cp.async.wait_all;\n" ::: "memory");
             asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");   // the zero stores (and their reads of zeroRow)
             traceDone();
+            if constexpr (CL > 1) clusterSync();   // no CTA leaves while its peer may still write to it
             return;
         }
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -220,8 +252,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapA)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
         int pos = 0;
-        for (int L = blockIdx.x; L < total; L += gridDim.x) {
-            const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
+        for (int L = cid; L < total; L += ncl) {
+            const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups) * CL + crank;
             const int m0 = mt * kBM, n0 = nt * BN;
             if (m0 >= sCount[g]) continue;
             const int bRow = g * p.groupN + n0;
@@ -245,12 +277,17 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const uint32_t myTurn = bars + 8 * (2 * kStages + cw), otherTurn = bars + 8 * (2 * kStages + 1 - cw);
     const uint32_t stg = stgBase + cw * 8192;
     int ord = 0, turns = 0, mine = 0;
+    // a stage is free once every consuming warp of the cluster has released it (the peer's multicast writes into it)
+    const auto release = [crank](uint32_t empty) {
+        mbarArrive(empty);
+        if constexpr (CL > 1) mbarArriveRemote(empty, (uint32_t)(crank ^ 1));
+    };
     WS_TRACE(const long long cStart = clock64(); const uint64_t nsStart = globalTimerNs();
              long long cMain = 0, cFull = 0, cEpi = 0, cTiles = 0; const bool tr = tid == 128;)
-    for (int L = blockIdx.x; L < total; L += gridDim.x) {
-        const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups);
+    for (int L = cid; L < total; L += ncl) {
+        const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups) * CL + crank;
         const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
-        if (m0 >= M) continue;
+        if ((mt - crank) * kBM >= M) continue;
         if (!COOP && (ord & 1) != cw) { ++ord; continue; }
         const int pos0 = ord++ * KT;
         if (!COOP && pos0 > 0) mbarWait(myTurn, (turns++) & 1);   // the previous tile has acquired its last stage
@@ -288,10 +325,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                     wgmmaStep<T, BN>(acc[u], smemDesc(st + (rowBase + 64 * u) * 128) + 2 * k, db + 2 * k);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (kt > 0 && lane == 0) mbarArrive(bars + 8 * (kStages + (pos - 1) % kStages));
+            if (kt > 0 && lane == 0) release(bars + 8 * (kStages + (pos - 1) % kStages));
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        if (lane == 0) mbarArrive(bars + 8 * (kStages + (pos0 + KT - 1) % kStages));
+        if (lane == 0) release(bars + 8 * (kStages + (pos0 + KT - 1) % kStages));
         WS_TRACE(const long long t1 = clock64(); if (tr) { cMain += t1 - t0; ++cTiles; })
 
         // epilogue (sm90_util.cuh), staged through this consumer's buffer, one 64-row block at a time
@@ -308,6 +345,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         o[0] = cTiles; o[1] = cMain; o[2] = cFull; o[3] = cEpi;
         o[6] = globalTimerNs() - nsStart; o[7] = clock64() - cStart;
     })
+    if constexpr (CL > 1) clusterSync();
 #endif
 }
 
@@ -355,22 +393,41 @@ bool makeMap(CUtensorMap* map, const T* base, int64_t rows, int64_t cols, int64_
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BN, int S, bool GELU, bool COOP, bool GATHER = false>
+template <typename T, int BN, int S, bool GELU, bool COOP, bool GATHER = false, int CL = 1>
 cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
     CUtensorMap mapA, mapB;
     const int64_t rowsB = (int64_t)(groups - 1) * p.groupN + p.N;
-    if (!makeMap<T>(&mapA, p.A, p.M, p.K, p.lda, kBM) || !makeMap<T>(&mapB, p.B, rowsB, p.K, p.ldb, BN))
+    if (!makeMap<T>(&mapA, p.A, p.M, p.K, p.lda, kBM) || !makeMap<T>(&mapB, p.B, rowsB, p.K, p.ldb, BN / CL))
         return cudaErrorNotSupported;
-    auto kern = gemmTmaWsKernel<T, BN, S, GELU, COOP, GATHER>;
+    auto kern = gemmTmaWsKernel<T, BN, S, GELU, COOP, GATHER, CL>;
     constexpr int smem = wsSmemBytes<BN, S>();
     static_assert(smem + 64 <= 227 * 1024, "shared memory of the warp-specialised kernel");
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     const int mTiles = (maxM + kBM - 1) / kBM, nTiles = (p.N + BN - 1) / BN;
-    const int64_t total = (int64_t)mTiles * groups * nTiles;
-    const int grid = (int)std::min<int64_t>(total, numSms);
-    kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles);
-    return cudaGetLastError();
+    const int64_t units = (int64_t)(mTiles + CL - 1) / CL * groups * nTiles;
+    if constexpr (CL == 1) {
+        const int grid = (int)std::min<int64_t>(units, numSms);
+        kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles);
+        return cudaGetLastError();
+    } else {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = CL;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.blockDim = dim3(kWsThreads);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        cfg.gridDim = dim3(numSms / CL * CL);
+        static int clusters = 0;   // co-resident clusters (GPCs need not hold an even number of SMs)
+        if (clusters == 0 && (e = cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg)) != cudaSuccess) return e;
+        cfg.gridDim = dim3((unsigned)(CL * std::min<int64_t>(units, std::max(clusters, 1))));
+        return cudaLaunchKernelEx(&cfg, kern, p, mapA, mapB, groups, mTiles, nTiles);
+    }
 }
 
 }  // namespace
@@ -396,8 +453,12 @@ cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int num
             q.zeroRest = p.zeroRest && p.rowIdxStride == p.M && (uintptr_t)p.D % 16 == 0 &&
                          (p.ldd * sizeof(T)) % 16 == 0 && (p.groupN * sizeof(T)) % 16 == 0 &&
                          (p.N * sizeof(T)) % 16 == 0;
-            const cudaError_t e = cfg == 12 ? launchTmaWs<T, 128, 6, GELU, false, true>(q, groups, maxM, numSms, stream)
-                                            : launchTmaWs<T, 256, 4, GELU, true, true>(q, groups, maxM, numSms, stream);
+            // cooperative 128 x 256 tiles in clusters of two CTAs sharing B (ACTVAR_FC1_CLUSTER=1: single CTAs)
+            static const bool pairs = envInt("ACTVAR_FC1_CLUSTER", 2) == 2;
+            const cudaError_t e =
+                cfg == 12 ? launchTmaWs<T, 128, 6, GELU, false, true>(q, groups, maxM, numSms, stream)
+                : pairs   ? launchTmaWs<T, 256, 4, GELU, true, true, 2>(q, groups, maxM, numSms, stream)
+                          : launchTmaWs<T, 256, 4, GELU, true, true>(q, groups, maxM, numSms, stream);
             if (e == cudaSuccess && restZeroed) *restZeroed = q.zeroRest;
             return e;
         }
