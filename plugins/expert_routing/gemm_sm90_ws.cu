@@ -7,13 +7,13 @@
 //     the bytes (expect_tx), no thread waits for a copy to land.
 //     GATHER (A rows through rowIdx: fc1 of the routed path; 96 registers): the 128 producer threads load A with
 //     16-byte cp.async, each thread's arrival on "full" made by the hardware once its copies have landed
-//     (cp.async.mbarrier.arrive.noinc); B still by TMA. CL = 2 (the cooperative gathered fc1): clusters of two
-//     CTAs take the two m-tiles of one (expert, n-tile) pair and share its B tile, each loading half of it by
+//     (cp.async.mbarrier.arrive.noinc); B still by TMA. (Gathered rows as 1-row TMA boxes were correct but
+//     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.) CL = 2 (the cooperative gathered fc1): clusters of
+//     two CTAs take the two m-tiles of one (expert, n-tile) unit and share its B tile, each loading half of it by
 //     TMA multicast into both; a stage is then free once the consumers of both CTAs released it (remote
-//     mbarrier arrivals), so the two rings advance in step (plugins/NOTES.md, v29). (Gathered rows as 1-row TMA boxes were correct but
-//     3-6x slower: TMA issue rate; plugins/NOTES.md, v10.) With p.zeroRest they also zero the group's other rows
-//     (the tail of rowIdx) in the tile's columns, as asynchronous bulk copies of a zeroed shared-memory row
-//     (plugins/NOTES.md, v24).
+//     mbarrier arrivals), so the two rings advance in step (plugins/NOTES.md, v29). With p.zeroRest they also
+//     zero the group's other rows (the tail of rowIdx) in the tile's columns, as asynchronous bulk copies of a
+//     zeroed shared-memory row (plugins/NOTES.md, v24).
 //   warpgroups 1, 2, consumers (232 registers): before a tile's main loop, copy its bias columns into shared
 //     memory and load its output rows (the epilogue then never waits for global memory: plugins/NOTES.md, v20);
 //     wgmma on the stages, release each stage ("empty" mbarrier) once the wgmma group that read it has retired,
@@ -24,9 +24,9 @@
 // Units L = (mUnit * groups + group) * nTiles + nTile of CL m-tiles each (CTA rank r of a cluster takes m-tile
 // CL * mUnit + r), cluster c taking L = c, c + clusters, ...; units whose first m-tile lies beyond a group's row
 // count are skipped by all roles alike (an empty second m-tile still takes part: zero rows, no stores), so the
-// ring position of step k of the CTA's j-th non-empty unit is j * KT + k for everybody. Ping-pong ordering ("turn" barriers): an mbarrier parity wait is only meaningful
-// one phase ahead, so the consumer of tile j + 1 starts waiting on stages only after the consumer of tile j
-// has acquired its last stage (see plugins/NOTES.md, v8).
+// ring position of step k of the CTA's j-th non-empty unit is j * KT + k for everybody. Ping-pong ordering ("turn"
+// barriers): an mbarrier parity wait is only meaningful one phase ahead, so the consumer of tile j + 1 starts
+// waiting on stages only after the consumer of tile j has acquired its last stage (see plugins/NOTES.md, v8).
 #include "sm90_util.cuh"
 
 #include <cuda.h>
@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
     static_assert(kStages >= 2, "need at least 2 stages");
+    static_assert(CL == 1 || (CL == 2 && GATHER && COOP), "clusters: the cooperative gathered kernel only");
     extern __shared__ unsigned char smemRaw[];
     __shared__ int sCount[ACTVAR_MAX_EXPERTS];
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smemRaw);
@@ -423,9 +424,17 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
         cfg.attrs = attr;
         cfg.numAttrs = 1;
         cfg.gridDim = dim3(numSms / CL * CL);
-        static int clusters = 0;   // co-resident clusters (GPCs need not hold an even number of SMs)
-        if (clusters == 0 && (e = cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg)) != cudaSuccess) return e;
-        cfg.gridDim = dim3((unsigned)(CL * std::min<int64_t>(units, std::max(clusters, 1))));
+        static int clusters = -1;   // co-resident clusters (GPCs need not hold an even number of SMs)
+        if (clusters < 0) {
+            int n = 0;
+            if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
+                (void)cudaGetLastError();
+                n = 0;
+            }
+            clusters = n;
+        }
+        if (clusters == 0) return cudaErrorNotSupported;   // the caller launches single CTAs
+        cfg.gridDim = dim3((unsigned)(CL * std::min<int64_t>(units, clusters)));
         return cudaLaunchKernelEx(&cfg, kern, p, mapA, mapB, groups, mTiles, nTiles);
     }
 }
@@ -453,12 +462,14 @@ cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int num
             q.zeroRest = p.zeroRest && p.rowIdxStride == p.M && (uintptr_t)p.D % 16 == 0 &&
                          (p.ldd * sizeof(T)) % 16 == 0 && (p.groupN * sizeof(T)) % 16 == 0 &&
                          (p.N * sizeof(T)) % 16 == 0;
-            // cooperative 128 x 256 tiles in clusters of two CTAs sharing B (ACTVAR_FC1_CLUSTER=1: single CTAs)
+            // cooperative 128 x 256 tiles in clusters of two CTAs sharing B (ACTVAR_FC1_CLUSTER=1, or no room for
+            // clusters: single CTAs)
             static const bool pairs = envInt("ACTVAR_FC1_CLUSTER", 2) == 2;
-            const cudaError_t e =
-                cfg == 12 ? launchTmaWs<T, 128, 6, GELU, false, true>(q, groups, maxM, numSms, stream)
-                : pairs   ? launchTmaWs<T, 256, 4, GELU, true, true, 2>(q, groups, maxM, numSms, stream)
-                          : launchTmaWs<T, 256, 4, GELU, true, true>(q, groups, maxM, numSms, stream);
+            cudaError_t e = cudaErrorNotSupported;
+            if (cfg == 12) e = launchTmaWs<T, 128, 6, GELU, false, true>(q, groups, maxM, numSms, stream);
+            else if (pairs) e = launchTmaWs<T, 256, 4, GELU, true, true, 2>(q, groups, maxM, numSms, stream);
+            if (e == cudaErrorNotSupported && cfg != 12)
+                e = launchTmaWs<T, 256, 4, GELU, true, true>(q, groups, maxM, numSms, stream);
             if (e == cudaSuccess && restZeroed) *restZeroed = q.zeroRest;
             return e;
         }
