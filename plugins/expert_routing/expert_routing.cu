@@ -491,10 +491,7 @@ bool zeroPassForced() {
 // The routed path's fc2 (a dense GEMM over the masked H) through cuBLASLt when it is available, unless a tile
 // configuration of the plugin's own kernel is forced (ACTVAR_FC2_CFG): cuBLAS's kernel is up to 16 % faster at
 // C = 1920 and equal at C = 1024 (plugins/NOTES.md, v28).
-bool fc2ByCublasLt() {
-    static const bool v = envInt("ACTVAR_FC2_CFG", 0) == 0;
-    return v && ltAvailable();
-}
+bool fc2ByCublasLt() { return gemmCfgOverride(false) == 0 && ltAvailable(); }
 
 // *restZeroed (if given) is set when the kernel also honoured p.zeroRest (the sm_90a warp-specialised one only).
 template <typename T, bool GELU>
@@ -581,11 +578,26 @@ WsLayout wsLayout(int T, int C, int hidden, int N, int top_k, size_t es) {
     return w;
 }
 
-// fc2 over the masked hidden activations + b2; on Hopper with few output tiles: split-K into fp32 partials
-// and a reduction kernel that adds b2.
+// fc1 + b1 + GELU (gelu) or fc2 + b2 as one cuBLASLt GEMM: D[M, N] = epi(A[M, K] B[N, K]^T + bias); fp16/bf16 only.
+template <typename T>
+cudaError_t ltGemm(const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias, T* D, int64_t ldd, int M, int N,
+                   int K, bool gelu, void* lws, cudaStream_t stream) {
+    const int dt = std::is_same<T, __half>::value ? ACTVAR_DTYPE_FLOAT16 : ACTVAR_DTYPE_BFLOAT16;
+    return ltGemmNT(dt, A, lda, B, ldb, bias, D, ldd, M, N, K, gelu, lws, kLtWorkspaceBytes, stream);
+}
+
+// fc2 over the masked hidden activations + b2: one cuBLASLt GEMM when its workspace lws is given (fp16/bf16) and it
+// takes the shape; else the plugin's GEMM, on Hopper with few output tiles split-K into fp32 partials and a
+// reduction kernel that adds b2.
 template <typename T>
 cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int C, int hidden, float* partial,
-                      int sms, cudaStream_t stream, bool pdl = false) {
+                      int sms, cudaStream_t stream, void* lws, bool pdl = false) {
+    if constexpr (!std::is_same<T, float>::value) {
+        if (lws) {
+            const cudaError_t e = ltGemm(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, stream);
+            if (e != cudaErrorNotSupported) return e;
+        }
+    }
     const GemmArgs<T> p2 = gemmNT(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden);
 #if defined(ACTVAR_HAVE_SM90A)
     if constexpr (!std::is_same<T, float>::value) {
@@ -607,14 +619,6 @@ cudaError_t launchFc2(const T* w2, const T* b2, T* out, const T* H, int Tn, int 
     }
 #endif
     return launchGemm<T, false>(p2, 1, Tn, stream, sms);
-}
-
-// fc1 + b1 + GELU (gelu) or fc2 + b2 as one cuBLASLt GEMM: D[M, N] = epi(A[M, K] B[N, K]^T + bias); fp16/bf16 only.
-template <typename T>
-cudaError_t ltGemm(const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias, T* D, int64_t ldd, int M, int N,
-                   int K, bool gelu, void* lws, cudaStream_t stream) {
-    const int dt = std::is_same<T, __half>::value ? ACTVAR_DTYPE_FLOAT16 : ACTVAR_DTYPE_BFLOAT16;
-    return ltGemmNT(dt, A, lda, B, ldb, bias, D, ldd, M, N, K, gelu, lws, kLtWorkspaceBytes, stream);
 }
 
 template <typename T>
@@ -653,10 +657,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
                     routeZeroKernel<T><<<grid, block, 0, stream>>>(logits, experts, Hb, Tn, N, k, ldhBytes,
                                                                     sliceBytes);
                 if ((e = cudaGetLastError()) != cudaSuccess) return e;
-                e = ltGemm(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, lws, stream);
-                if (e != cudaErrorNotSupported) return e;
-                return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);   // H is complete
-
+                return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream, lws);   // H is complete
             }
             if (e != cudaErrorNotSupported) return e;
         }
@@ -676,7 +677,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
             pm.rowMask = bits; pm.maskCols = d;
             pm.pdl = true;
             e = launchGemmSm90<T, true>(pm, 1, Tn, sms, stream);
-            if (e == cudaSuccess) return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream, true);
+            if (e == cudaSuccess) return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream, nullptr, true);
             if (e != cudaErrorNotSupported) return e;   // else: the routed path below (routing is redone)
         }
     }
@@ -716,13 +717,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
 
-    if constexpr (!std::is_same<T, float>::value) {
-        if (fc2ByCublasLt()) {
-            e = ltGemm(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false, ws + L.lt, stream);
-            if (e != cudaErrorNotSupported) return e;
-        }
-    }
-    return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream);
+    return launchFc2(w2, b2, out, H, Tn, C, hidden, partial, sms, stream, fc2ByCublasLt() ? ws + L.lt : nullptr);
 }
 
 }  // namespace

@@ -74,8 +74,13 @@ cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int num
 constexpr int kWsTraceCtas = 256;
 int wsTraceFetch(unsigned long long (*out)[8], int maxCtas, unsigned long long* epi);
 #endif
-// The tile configuration forced through ACTVAR_FC1_CFG (gelu) / ACTVAR_FC2_CFG, 0 = automatic (gemm_sm90.cu).
-int gemmSm90CfgOverride(bool gelu);
 #endif
+
+// The tile configuration of the plugin's own GEMM forced through ACTVAR_FC1_CFG (gelu) / ACTVAR_FC2_CFG, 0 = automatic
+// (the values: gemm_sm90.cu, launchGemmSm90).
+inline int gemmCfgOverride(bool gelu) {
+    static const int cfgEnv[2] = {envInt("ACTVAR_FC2_CFG", 0), envInt("ACTVAR_FC1_CFG", 0)};
+    return cfgEnv[gelu ? 1 : 0];
+}
 
 }  // namespace actvar

@@ -155,11 +155,6 @@ cudaError_t launchBn(const GemmArgs<T>& p, int groups, int maxM, cudaStream_t st
 
 }  // namespace
 
-int gemmSm90CfgOverride(bool gelu) {
-    static const int cfgEnv[2] = {envInt("ACTVAR_FC2_CFG", 0), envInt("ACTVAR_FC1_CFG", 0)};
-    return cfgEnv[gelu ? 1 : 0];
-}
-
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream,
                            bool* restZeroed) {
@@ -173,7 +168,7 @@ cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSm
     // tile config: ACTVAR_FC1_CFG / ACTVAR_FC2_CFG (GELU = fc1) = 0 auto, 1: 128x256 4 stages,
     // 2: 128x128 4 stages, 3: 128x128 3 stages (two CTAs per SM), 4: as 3 with prefetch distance 2 and
     // no wgmma group kept in flight, 8: 128x128 6 stages, 9: 128x64 4 stages, 10: 128x64 8 stages -- for measurements
-    int cfg = gemmSm90CfgOverride(GELU);
+    int cfg = gemmCfgOverride(GELU);
     if (p.kSplit > 1 && cfg == 1) cfg = 2;
     // Grids smaller than the GPU are latency-bound (each k-step waits for its loads): more CTAs and deeper
     // prefetch. 8: 128x128, 6 stages (prefetch 4) for split-K; 9: 128x64, 4 stages, two CTAs per SM, for fc1;

@@ -171,6 +171,18 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // with CL = 2 the two CTAs share the B tile (each loads half of it and multicasts it to both)
     const int crank = CL > 1 ? (int)(blockIdx.x % CL) : 0, cid = blockIdx.x / CL, ncl = gridDim.x / CL;
     const int total = (mTiles + CL - 1) / CL * groups * nTiles;
+    struct Unit {
+        int nt, g, mt;   // n-tile, group, this CTA's m-tile
+        bool empty;      // skipped by every role: the unit's first m-tile lies beyond the group's rows
+    };
+    const auto unitAt = [&](int L) {
+        Unit u;
+        u.nt = L % nTiles;
+        u.g = (L / nTiles) % groups;
+        u.mt = L / (nTiles * groups) * CL + crank;
+        u.empty = (u.mt - crank) * kBM >= sCount[u.g];
+        return u;
+    };
 
     if (wg == 0) {
         // ---------------- producer ----------------
@@ -197,7 +209,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             if (tid == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
             int pos = 0;
             for (int L = cid; L < total; L += ncl) {
-                const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups) * CL + crank;
+                const Unit u = unitAt(L);
+                const int nt = u.nt, g = u.g, mt = u.mt;
                 const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
                 const int32_t* rowIdx = p.rowIdx + g * p.rowIdxStride;
                 // p.zeroRest: this tile's share of the zeros of the group's other rows (rowIdx's tail), by bulk
@@ -211,7 +224,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                         bulkStore(Dg + (int64_t)__ldg(rowIdx + p.M - 1 - r) * p.ldd, zeroRow, bytes);
                     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
                 };
-                if ((mt - crank) * kBM >= M) {   // the unit is empty (its own m-tile may be empty in a non-empty unit)
+                if (u.empty) {   // (its own m-tile may be empty in a non-empty unit: zero rows, no stores)
                     if (p.zeroRest && n0 < p.N) zeros();
                     continue;
                 }
@@ -254,9 +267,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&mapB)) : "memory");
         int pos = 0;
         for (int L = cid; L < total; L += ncl) {
-            const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups) * CL + crank;
-            const int m0 = mt * kBM, n0 = nt * BN;
-            if (m0 >= sCount[g]) continue;
+            const Unit u = unitAt(L);
+            if (u.empty) continue;
+            const int m0 = u.mt * kBM, n0 = u.nt * BN, g = u.g;
             const int bRow = g * p.groupN + n0;
             for (int kt = 0; kt < KT; ++kt, ++pos) {
                 uint32_t st, full;
@@ -286,9 +299,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     WS_TRACE(const long long cStart = clock64(); const uint64_t nsStart = globalTimerNs();
              long long cMain = 0, cFull = 0, cEpi = 0, cTiles = 0; const bool tr = tid == 128;)
     for (int L = cid; L < total; L += ncl) {
-        const int nt = L % nTiles, g = (L / nTiles) % groups, mt = L / (nTiles * groups) * CL + crank;
-        const int M = sCount[g], m0 = mt * kBM, n0 = nt * BN;
-        if ((mt - crank) * kBM >= M) continue;
+        const Unit u = unitAt(L);
+        if (u.empty) continue;
+        const int g = u.g, M = sCount[g], m0 = u.mt * kBM, n0 = u.nt * BN;
         if (!COOP && (ord & 1) != cw) { ++ord; continue; }
         const int pos0 = ord++ * KT;
         if (!COOP && pos0 > 0) mbarWait(myTurn, (turns++) & 1);   // the previous tile has acquired its last stage
