@@ -10,6 +10,9 @@ Measures first the two ceilings of the device (large device-to-device copy, byte
            FFN (F.linear + F.gelu(tanh) + F.linear, bf16, cuBLAS) for T = S*K_t tokens.
 Timing: each measured call is captured R times (rotating over R input sets so that caches do not hold
 the inputs) into a CUDA graph; the graph is replayed after warm-up; the median replay time / R is reported.
+The expert/dense comparison alternates the two graphs' replays (21 pairs, the order flipped every pair) and
+reports the median of the per-pair time ratios with its spread, so that the GPU's clock drift under its power
+limit (seconds-scale, up to ~15 % between separate measurements) falls on both sides alike.
 Prints a table and writes JSON (default $OUT/bench_kernels.json).
 """
 from __future__ import annotations
@@ -33,8 +36,9 @@ SCALES = {"13x13": (169, 127), "16x16": (256, 192)}
 N_EXPERTS, TOP_K = 16, 12
 
 
-def graph_time(fns, reps=20, warm=3):
-    """fns: list of R zero-arg callables (one per rotated input set). Returns seconds per call (median)."""
+def capture(fns, warm=3):
+    """fns: list of R zero-arg callables (one per rotated input set), run once eagerly, then captured into one
+    CUDA graph, which is replayed `warm` times. Returns the graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -49,15 +53,41 @@ def graph_time(fns, reps=20, warm=3):
     for _ in range(warm):
         g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / len(fns))
+    return g
+
+
+def replay_s(g, calls):
+    """Seconds per call of one replay of graph g holding `calls` calls."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e-3 / calls
+
+
+def graph_time(fns, reps=20, warm=3):
+    """Seconds per call (median of `reps` replays) and all replay times."""
+    g = capture(fns, warm)
+    times = [replay_s(g, len(fns)) for _ in range(reps)]
     return statistics.median(times), times
+
+
+def paired_time(fns_a, fns_b, pairs=21):
+    """Alternating replays of two graphs (order flipped every pair). Returns median seconds per call of each,
+    and the median, min and max of the per-pair ratios time_a / time_b."""
+    ga, gb = capture(fns_a), capture(fns_b)
+    ta, tb = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            ta.append(replay_s(ga, len(fns_a)))
+            tb.append(replay_s(gb, len(fns_b)))
+        else:
+            tb.append(replay_s(gb, len(fns_b)))
+            ta.append(replay_s(ga, len(fns_a)))
+    ratios = [x / y for x, y in zip(ta, tb)]
+    del ga, gb
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios), min(ratios), max(ratios)
 
 
 def rotations(bytes_per_set, target=400e6, lo=2, hi=16):
@@ -138,7 +168,7 @@ def expert_path(T: int) -> str:
     """Which expert-FFN path the plugin takes at T tokens (bf16, Hopper), from the same settings it reads:
     dense-lt (cuBLASLt GEMMs, T <= ACTVAR_DENSE_MAX_T), masked (own masked-dense kernels, no cuBLASLt,
     T <= ACTVAR_MASKED_DENSE_MAX_T) or routed."""
-    if kernels.expert_ffn_uses_cublaslt() == 1 and T <= int(os.environ.get("ACTVAR_DENSE_MAX_T", "8192")):
+    if kernels.expert_ffn_uses_cublaslt() == 1 and T <= int(os.environ.get("ACTVAR_DENSE_MAX_T", "4096")):
         return "dense-lt"
     if T <= int(os.environ.get("ACTVAR_MASKED_DENSE_MAX_T", "512")):
         return "masked"
@@ -172,15 +202,13 @@ def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
                     return lambda: kernels.expert_ffn(hs[i], lg[i], w1[i], b1[i], w2[i], b2[i], TOP_K, out=outs[i],
                                                       workspace=ws)
 
-                t_d, _ = graph_time([dense_fn(i) for i in range(R)])
-                t_e, _ = graph_time([exp_fn(i) for i in range(R)])
-                t_d2, _ = graph_time([dense_fn(i) for i in range(R)])   # repeat: spread of the measurement
-                t_e2, _ = graph_time([exp_fn(i) for i in range(R)])
+                t_d, t_e, sp, sp_lo, sp_hi = paired_time([dense_fn(i) for i in range(R)],
+                                                         [exp_fn(i) for i in range(R)])
                 fl_dense = 16.0 * T * C * C
                 fl_exp = fl_dense * TOP_K / N_EXPERTS
                 rows.append(dict(width=wname, C=C, scale=sname, S=S, T=T, dtype="bfloat16", path=expert_path(T),
-                                 dense_us=t_d * 1e6, expert_us=t_e * 1e6, dense_us_rep=t_d2 * 1e6,
-                                 expert_us_rep=t_e2 * 1e6, speedup=t_d / t_e,
+                                 dense_us=t_d * 1e6, expert_us=t_e * 1e6, speedup=sp, speedup_min=sp_lo,
+                                 speedup_max=sp_hi,
                                  dense_TFLOPs=fl_dense / t_d / 1e12, expert_TFLOPs=fl_exp / t_e / 1e12,
                                  expert_frac_of_matmul=fl_exp / t_e / 1e12 / ceil["bf16_matmul_TFLOPs"],
                                  dense_frac_of_matmul=fl_dense / t_d / 1e12 / ceil["bf16_matmul_TFLOPs"]))
@@ -290,11 +318,12 @@ def main():
                   f"{r['scatter_inplace_GBps']:7.0f} {100 * r['gather_scatter_frac_of_copy']:8.1f}%")
     if "experts" in res:
         print("\nexpert FFN (bf16, N=16, K_w=12, routing included) vs dense FFN (F.linear+gelu+F.linear, cuBLAS)")
+        print("speed-up: median of 21 alternating dense/expert replay pairs (min-max of the pairs)")
         print(f"{'width':5} {'scale':5} {'S':>4} {'T':>6} {'dense us':>9} {'expert us':>9} {'speedup':>7} "
-              f"{'dense TF/s':>10} {'exp TF/s':>9} {'exp %mm':>7} {'path':>8}")
+              f"{'(min-max)':>11} {'dense TF/s':>10} {'exp TF/s':>9} {'exp %mm':>7} {'path':>8}")
         for r in res["experts"]:
             print(f"{r['width']:5} {r['scale']:5} {r['S']:>4} {r['T']:>6} {r['dense_us']:9.1f} {r['expert_us']:9.1f} "
-                  f"{r['speedup']:7.2f} {r['dense_TFLOPs']:10.0f} {r['expert_TFLOPs']:9.0f} "
+                  f"{r['speedup']:7.2f} {r['speedup_min']:5.2f}-{r['speedup_max']:4.2f} {r['dense_TFLOPs']:10.0f} {r['expert_TFLOPs']:9.0f} "
                   f"{100 * r['expert_frac_of_matmul']:6.1f}% {r['path']:>8}")
     print(f"\nJSON written to {os.path.abspath(args.json)}  (wall {res['wall_s']:.0f} s)")
 

@@ -41,10 +41,13 @@ section_tests() {
 
 section_bench() {
     echo "== bench: benchmarks/bench_kernels.py"
-    python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.log"
-    local rc=${PIPESTATUS[0]}
-    echo "bench JSON: $OUT/bench_kernels.json"
-    return $rc
+    # (tables on stdout, data in the JSON files: $OUT returns at most 8 files)
+    python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json"
+    local rc=$?
+    # power, SM clock and energy per call under sustained load (dense vs expert FFN, the dense GEMMs alone)
+    python3 benchmarks/bench_power.py --json "$OUT/bench_power.json"
+    local rp=$?
+    return $((rc || rp))
 }
 
 section_probe() {
