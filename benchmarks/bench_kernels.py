@@ -175,6 +175,33 @@ def expert_path(T: int) -> str:
     return "routed"
 
 
+def ffn_calls(C, T, R, dtype=torch.bfloat16):
+    """R rotated input sets of the FFN at width C and T tokens (random bf16/fp16 data, N_EXPERTS router logits).
+    Returns (dense, expert, inputs): lists of R zero-arg callables running the dense FFN (F.linear, GELU(tanh),
+    F.linear) and the plugin's expert FFN (TOP_K of N_EXPERTS, one shared workspace: calls are serial), and the
+    inputs as a dict of lists (h, logits, w1, b1, w2, b2, out)."""
+    Hd = 4 * C
+    x = {"h": [torch.randn(T, C, device="cuda", dtype=dtype) for _ in range(R)],
+         "logits": [torch.randn(T, N_EXPERTS, device="cuda") for _ in range(R)],
+         "w1": [(torch.randn(Hd, C, device="cuda") / C ** 0.5).to(dtype) for _ in range(R)],
+         "b1": [(torch.randn(Hd, device="cuda") * 0.1).to(dtype) for _ in range(R)],
+         "w2": [(torch.randn(C, Hd, device="cuda") / Hd ** 0.5).to(dtype) for _ in range(R)],
+         "b2": [(torch.randn(C, device="cuda") * 0.1).to(dtype) for _ in range(R)],
+         "out": [torch.empty(T, C, device="cuda", dtype=dtype) for _ in range(R)]}
+    ws = torch.empty(kernels.expert_ffn_workspace_size(T, C, Hd, N_EXPERTS, TOP_K, dtype), dtype=torch.uint8,
+                     device="cuda")
+
+    def dense(i):
+        return lambda: F.linear(F.gelu(F.linear(x["h"][i], x["w1"][i], x["b1"][i]), approximate="tanh"),
+                                x["w2"][i], x["b2"][i])
+
+    def expert(i):
+        return lambda: kernels.expert_ffn(x["h"][i], x["logits"][i], x["w1"][i], x["b1"][i], x["w2"][i], x["b2"][i],
+                                          TOP_K, out=x["out"][i], workspace=ws)
+
+    return [dense(i) for i in range(R)], [expert(i) for i in range(R)], x
+
+
 def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
     rows = []
     es = 2
@@ -185,25 +212,8 @@ def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
                 T = S * Kt
                 per_set = (T * C * es + T * N_EXPERTS * 4 + 2 * Hd * C * es)
                 R = rotations(per_set, target=300e6, lo=2, hi=8)
-                hs = [torch.randn(T, C, device="cuda", dtype=dtype) for _ in range(R)]
-                lg = [torch.randn(T, N_EXPERTS, device="cuda") for _ in range(R)]
-                w1 = [(torch.randn(Hd, C, device="cuda") / C ** 0.5).to(dtype) for _ in range(R)]
-                b1 = [(torch.randn(Hd, device="cuda") * 0.1).to(dtype) for _ in range(R)]
-                w2 = [(torch.randn(C, Hd, device="cuda") / Hd ** 0.5).to(dtype) for _ in range(R)]
-                b2 = [(torch.randn(C, device="cuda") * 0.1).to(dtype) for _ in range(R)]
-                outs = [torch.empty(T, C, device="cuda", dtype=dtype) for _ in range(R)]
-                ws_bytes = kernels.expert_ffn_workspace_size(T, C, Hd, N_EXPERTS, TOP_K, dtype)
-                ws = torch.empty(ws_bytes, dtype=torch.uint8, device="cuda")   # shared: calls are serial
-
-                def dense_fn(i):
-                    return lambda: F.linear(F.gelu(F.linear(hs[i], w1[i], b1[i]), approximate="tanh"), w2[i], b2[i])
-
-                def exp_fn(i):
-                    return lambda: kernels.expert_ffn(hs[i], lg[i], w1[i], b1[i], w2[i], b2[i], TOP_K, out=outs[i],
-                                                      workspace=ws)
-
-                t_d, t_e, sp, sp_lo, sp_hi = paired_time([dense_fn(i) for i in range(R)],
-                                                         [exp_fn(i) for i in range(R)])
+                dense_fns, exp_fns, inputs = ffn_calls(C, T, R, dtype)
+                t_d, t_e, sp, sp_lo, sp_hi = paired_time(dense_fns, exp_fns)
                 fl_dense = 16.0 * T * C * C
                 fl_exp = fl_dense * TOP_K / N_EXPERTS
                 rows.append(dict(width=wname, C=C, scale=sname, S=S, T=T, dtype="bfloat16", path=expert_path(T),
@@ -212,7 +222,7 @@ def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
                                  dense_TFLOPs=fl_dense / t_d / 1e12, expert_TFLOPs=fl_exp / t_e / 1e12,
                                  expert_frac_of_matmul=fl_exp / t_e / 1e12 / ceil["bf16_matmul_TFLOPs"],
                                  dense_frac_of_matmul=fl_dense / t_d / 1e12 / ceil["bf16_matmul_TFLOPs"]))
-                del hs, lg, w1, b1, w2, b2, outs, ws
+                del dense_fns, exp_fns, inputs
                 torch.cuda.empty_cache()
     return rows
 

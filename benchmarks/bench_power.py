@@ -23,10 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from actvar_export import kernels  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import N_EXPERTS, capture, ffn_calls  # noqa: E402
 
-N_EXPERTS, TOP_K = 16, 12
 NVML_CLOCK_SM = 1
 SW_POWER_CAP = 0x4   # nvmlClocksEventReasonSwPowerCap
 
@@ -57,17 +56,7 @@ class Nvml:
 def sustained(nvml: Nvml, fns, seconds: float):
     """Replays the graph of fns for `seconds`; returns (us per call, mean W, mean SM MHz, share of samples at the
     software power cap) over the time after the first second."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
+    g = capture(fns)
     samples, stop = [], threading.Event()
 
     def sampler():
@@ -94,24 +83,14 @@ def sustained(nvml: Nvml, fns, seconds: float):
 
 
 def workloads(C: int, T: int, dtype=torch.bfloat16, R: int = 2):
-    Hd = 4 * C
-    hs = [torch.randn(T, C, device="cuda", dtype=dtype) for _ in range(R)]
-    lg = [torch.randn(T, N_EXPERTS, device="cuda") for _ in range(R)]
-    w1 = [(torch.randn(Hd, C, device="cuda") / C ** 0.5).to(dtype) for _ in range(R)]
-    b1 = [(torch.randn(Hd, device="cuda") * 0.1).to(dtype) for _ in range(R)]
-    w2 = [(torch.randn(C, Hd, device="cuda") / Hd ** 0.5).to(dtype) for _ in range(R)]
-    b2 = [(torch.randn(C, device="cuda") * 0.1).to(dtype) for _ in range(R)]
-    hid = [torch.randn(T, Hd, device="cuda", dtype=dtype) for _ in range(R)]
-    outs = [torch.empty(T, C, device="cuda", dtype=dtype) for _ in range(R)]
-    ws = torch.empty(kernels.expert_ffn_workspace_size(T, C, Hd, N_EXPERTS, TOP_K, dtype), dtype=torch.uint8,
-                     device="cuda")
+    """The FFNs of bench_kernels.py (R rotated input sets) and the dense FFN's two cuBLAS GEMMs alone."""
+    dense, expert, x = ffn_calls(C, T, R, dtype)
+    hid = [torch.randn(T, 4 * C, device="cuda", dtype=dtype) for _ in range(R)]
     return {
-        "dense FFN": [lambda i=i: F.linear(F.gelu(F.linear(hs[i], w1[i], b1[i]), approximate="tanh"), w2[i], b2[i])
-                      for i in range(R)],
-        "expert FFN": [lambda i=i: kernels.expert_ffn(hs[i], lg[i], w1[i], b1[i], w2[i], b2[i], TOP_K, out=outs[i],
-                                                      workspace=ws) for i in range(R)],
-        "cuBLAS fc1 (dense)": [lambda i=i: F.linear(hs[i], w1[i], b1[i]) for i in range(R)],
-        "cuBLAS fc2 (dense)": [lambda i=i: F.linear(hid[i], w2[i], b2[i]) for i in range(R)],
+        "dense FFN": dense,
+        "expert FFN": expert,
+        "cuBLAS fc1 (dense)": [lambda i=i: F.linear(x["h"][i], x["w1"][i], x["b1"][i]) for i in range(R)],
+        "cuBLAS fc2 (dense)": [lambda i=i: F.linear(hid[i], x["w2"][i], x["b2"][i]) for i in range(R)],
     }
 
 
