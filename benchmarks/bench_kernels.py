@@ -333,8 +333,8 @@ def main():
               f"{'(min-max)':>11} {'dense TF/s':>10} {'exp TF/s':>9} {'exp %mm':>7} {'path':>8}")
         for r in res["experts"]:
             print(f"{r['width']:5} {r['scale']:5} {r['S']:>4} {r['T']:>6} {r['dense_us']:9.1f} {r['expert_us']:9.1f} "
-                  f"{r['speedup']:7.2f} {r['speedup_min']:5.2f}-{r['speedup_max']:4.2f} {r['dense_TFLOPs']:10.0f} {r['expert_TFLOPs']:9.0f} "
-                  f"{100 * r['expert_frac_of_matmul']:6.1f}% {r['path']:>8}")
+                  f"{r['speedup']:7.2f} {r['speedup_min']:5.2f}-{r['speedup_max']:4.2f} {r['dense_TFLOPs']:10.0f} "
+                  f"{r['expert_TFLOPs']:9.0f} {100 * r['expert_frac_of_matmul']:6.1f}% {r['path']:>8}")
     print(f"\nJSON written to {os.path.abspath(args.json)}  (wall {res['wall_s']:.0f} s)")
 
 

@@ -470,8 +470,9 @@ bool useWgmma() {
 
 // Token counts up to which the dense paths run (0 disables a path): the cuBLASLt dense path up to
 // ACTVAR_DENSE_MAX_T (default 4096: on the H100, measured with alternating replays, it is faster than the routed
-// path at d16 with 4064 tokens, even at d30 with 4064, and slower from 6144 tokens on, docs/benchmarks.md), the
-// plugin's own masked-dense kernels (Hopper without cuBLASLt) up to ACTVAR_MASKED_DENSE_MAX_T (default 512).
+// path at d16 with 4064 tokens (1.10x vs 1.02x the dense FFN; at d30 the two are within 0.02) and slower from 6144
+// tokens on, docs/benchmarks.md), the plugin's own masked-dense kernels (Hopper without cuBLASLt) up to
+// ACTVAR_MASKED_DENSE_MAX_T (default 512).
 int denseMaxTokens() {
     static const int v = envInt("ACTVAR_DENSE_MAX_T", 4096);
     return v;
