@@ -111,6 +111,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=4.0, help="sustained time per workload (default 4)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_power.json"))
     args = ap.parse_args()
+    if args.seconds <= 1.0:   # the first second is dropped (NVML's one-second power average)
+        ap.error(f"--seconds must be more than 1 (got {args.seconds})")
     if not torch.cuda.is_available():
         sys.exit("Error: bench_power.py needs a CUDA GPU")
     nvml = Nvml(torch.cuda.current_device())
