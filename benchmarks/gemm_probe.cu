@@ -11,7 +11,22 @@
 // Prints one line per GEMM: fc1 over gathered rows (routed; also with the zeros of the unchosen slices written by its
 // producer), fc1 over the same row counts but contiguous rows,
 // both with GELU and without, and the dense fc2; time (CUDA events, median of 9 batches of 10) and TFLOP/s.
+// Compiled with -DACTVAR_HAVE_CUBLASLT (plus plugins/expert_routing/dense_lt.cu, -ldl, the cuBLASLt header on the
+// include path and libcublasLt.so.13 on the loader path at run time) it adds cuBLASLt's GEMMs of the same useful FLOPs.
+// PROBE_SECONDS=s: sustained mode for the power-capped regime (time then follows energy): every line runs for
+// s seconds after 1 s of warm-up, the list is measured forwards and then backwards (drift shows as a difference
+// between the two passes), and each line adds the mean SM clock and board power (NVML, opened at run time) and the
+// energy per useful FLOP relative to the first line.
 #include "gemm_common.cuh"
+#if defined(ACTVAR_HAVE_CUBLASLT)
+#include "actvar_plugins.h"
+#include "dense_lt.h"
+#endif
+
+#include <dlfcn.h>
+#include <chrono>
+#include <functional>
+#include <string>
 
 #include <algorithm>
 #include <cstdio>
@@ -31,7 +46,7 @@ using T = __nv_bfloat16;
         }                                                                                       \
     } while (0)
 
-static int gLaunches = 0;   // launches of the last timeUs call
+[[maybe_unused]] static int gLaunches = 0;   // launches of the last timeUs call (read by the trace build)
 
 template <class F>
 float timeUs(F f) {
@@ -53,6 +68,70 @@ float timeUs(F f) {
     }
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
+}
+
+// NVML through dlopen (no link dependency): SM clock (MHz) and board power (W); zeros when unavailable.
+struct Nvml {
+    using Init = int (*)();
+    using Handle = int (*)(unsigned, void**);
+    using Clock = int (*)(void*, int, unsigned*);
+    using Power = int (*)(void*, unsigned*);
+    Clock clock = nullptr;
+    Power power = nullptr;
+    void* dev = nullptr;
+    Nvml() {
+        void* h = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+        if (!h) return;
+        auto init = (Init)dlsym(h, "nvmlInit_v2");
+        auto byIndex = (Handle)dlsym(h, "nvmlDeviceGetHandleByIndex_v2");
+        clock = (Clock)dlsym(h, "nvmlDeviceGetClockInfo");
+        power = (Power)dlsym(h, "nvmlDeviceGetPowerUsage");
+        int ord = 0;
+        CK(cudaGetDevice(&ord));   // NVML's index order can differ; the probe runs on a one-GPU machine
+        if (!init || !byIndex || !clock || !power || init() != 0 || byIndex((unsigned)ord, &dev) != 0) dev = nullptr;
+    }
+    void sample(double& mhz, double& watts) const {
+        unsigned c = 0, mw = 0;
+        if (dev && clock(dev, 1 /* NVML_CLOCK_SM */, &c) == 0 && power(dev, &mw) == 0) mhz = c, watts = mw * 1e-3;
+    }
+};
+
+struct Sustained { double us = 0, mhz = 0, watts = 0; };
+
+// Calls f back to back for `seconds` after 1 s of warm-up; time per call from CUDA events over batches of calls,
+// clock and power sampled after every batch.
+template <class F>
+Sustained sustain(F f, double seconds, const Nvml& nv) {
+    using Clk = std::chrono::steady_clock;
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    auto runFor = [&](double s, bool measure) {
+        Sustained r;
+        int samples = 0;
+        double calls = 0, ms = 0;
+        const auto t0 = Clk::now();
+        while (std::chrono::duration<double>(Clk::now() - t0).count() < s) {
+            CK(cudaEventRecord(a));
+            for (int i = 0; i < 10; ++i) CK(f());
+            CK(cudaEventRecord(b));
+            CK(cudaEventSynchronize(b));
+            float m = 0;
+            CK(cudaEventElapsedTime(&m, a, b));
+            if (!measure) continue;
+            ms += m, calls += 10;
+            double c = 0, w = 0;
+            nv.sample(c, w);
+            r.mhz += c, r.watts += w, ++samples;
+        }
+        if (measure && calls > 0) r.us = ms * 1e3 / calls, r.mhz /= samples, r.watts /= samples;
+        return r;
+    };
+    runFor(1.0, false);
+    const Sustained r = runFor(seconds, true);
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    return r;
 }
 
 __global__ void fillKernel(T* p, size_t n, uint32_t seed) {
@@ -157,19 +236,81 @@ int main(int argc, char** argv) {
         }
 #endif
     };
-    line("fc1 routed (gathered) + GELU", timeUs([&] { return launchGemmSm90<T, true>(p1, E, maxM, sms, 0); }), fc1Flop);
+    struct Variant { std::string name; std::function<cudaError_t()> f; double flop; };
+    std::vector<Variant> vs;
     GemmArgs<T> pz = p1;   // + the zeros of the unchosen slices (the plugin's routed fc1)
     pz.zeroRest = true;
-    line("fc1 routed + GELU + unchosen zeros", timeUs([&] { return launchGemmSm90<T, true>(pz, E, maxM, sms, 0); }),
-         fc1Flop);
-    line("fc1 routed (gathered), no GELU", timeUs([&] { return launchGemmSm90<T, false>(p1, E, maxM, sms, 0); }), fc1Flop);
-    line("fc1 contiguous rows + GELU", timeUs([&] { return launchGemmSm90<T, true>(pc, E, maxM, sms, 0); }), fc1Flop);
-    line("fc1 contiguous rows, no GELU", timeUs([&] { return launchGemmSm90<T, false>(pc, E, maxM, sms, 0); }), fc1Flop);
-
+    vs.push_back({"fc1 routed + GELU + unchosen zeros", [&] { return launchGemmSm90<T, true>(pz, E, maxM, sms, 0); }, fc1Flop});
+    vs.push_back({"fc1 routed (gathered) + GELU", [&] { return launchGemmSm90<T, true>(p1, E, maxM, sms, 0); }, fc1Flop});
+    vs.push_back({"fc1 routed (gathered), no GELU", [&] { return launchGemmSm90<T, false>(p1, E, maxM, sms, 0); }, fc1Flop});
+    vs.push_back({"fc1 contiguous rows + GELU", [&] { return launchGemmSm90<T, true>(pc, E, maxM, sms, 0); }, fc1Flop});
+    vs.push_back({"fc1 contiguous rows, no GELU", [&] { return launchGemmSm90<T, false>(pc, E, maxM, sms, 0); }, fc1Flop});
     const GemmArgs<T> p2 = gemmNT(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden);
-    line("fc2 dense", timeUs([&] { return launchGemmSm90<T, false>(p2, 1, Tn, sms, 0); }), fc2Flop);
+    vs.push_back({"fc2 dense", [&] { return launchGemmSm90<T, false>(p2, 1, Tn, sms, 0); }, fc2Flop});
     // the dense fc1 (all hidden units, no routing) for reference
     const GemmArgs<T> pd = gemmNT(x, C, w1, C, b1, H, hidden, Tn, hidden, C);
-    line("fc1 dense (all units) + GELU", timeUs([&] { return launchGemmSm90<T, true>(pd, 1, Tn, sms, 0); }), fc2Flop);
+    vs.push_back({"fc1 dense (all units) + GELU", [&] { return launchGemmSm90<T, true>(pd, 1, Tn, sms, 0); }, fc2Flop});
+#if defined(ACTVAR_HAVE_CUBLASLT)
+    // cuBLASLt: one GEMM with the routed fc1's useful FLOPs (T rows, K_w / E of the hidden units), the full fc1, fc2
+    void* lws = nullptr;
+    CK(cudaMalloc(&lws, kLtWorkspaceBytes));
+    const int dt = ACTVAR_DTYPE_BFLOAT16, nUse = K * d;
+    auto lt = [&, dt](const T* A, int lda, const T* B, int ldb, const T* bias, T* D, int ldd, int M, int N, int Kd,
+                      bool gelu) {
+        return [=] { return ltGemmNT(dt, A, lda, B, ldb, bias, D, ldd, M, N, Kd, gelu, lws, kLtWorkspaceBytes, 0); };
+    };
+    const double useFlop = 2.0 * Tn * (double)nUse * C;
+    if (ltAvailable()) {
+        vs.push_back({"cuBLASLt fc1, K_w/E of units, + GELU", lt(x, C, w1, C, b1, H, hidden, Tn, nUse, C, true), useFlop});
+        vs.push_back({"cuBLASLt fc1, K_w/E of units, bias", lt(x, C, w1, C, b1, H, hidden, Tn, nUse, C, false), useFlop});
+        vs.push_back({"cuBLASLt fc1 dense + GELU", lt(x, C, w1, C, b1, H, hidden, Tn, hidden, C, true), fc2Flop});
+        vs.push_back({"cuBLASLt fc2 dense", lt(H, hidden, w2, hidden, b2, out, C, Tn, C, hidden, false), fc2Flop});
+    } else {
+        std::printf("(cuBLASLt not available: libcublasLt.so.13 not on the loader path)\n");
+    }
+#endif
+    if (const char* only = std::getenv("PROBE_LINES")) {   // e.g. "0,3,7": these lines only (indices as printed)
+        std::vector<Variant> keep;
+        for (const char* c = only; *c;) {
+            char* end = nullptr;
+            const long i = std::strtol(c, &end, 10);
+            if (end == c) break;
+            if (i >= 0 && i < (long)vs.size()) keep.push_back(vs[i]);
+            c = *end ? end + 1 : end;
+        }
+        vs.swap(keep);
+    }
+    if (std::getenv("PROBE_ONCE")) {   // one call per line (for a profiler such as ncu)
+        for (auto& v : vs) {
+            CK(v.f());
+            CK(cudaDeviceSynchronize());
+            std::printf("ran %s\n", v.name.c_str());
+        }
+        return 0;
+    }
+    const char* secs = std::getenv("PROBE_SECONDS");
+    if (!secs) {
+        for (auto& v : vs) line(v.name.c_str(), timeUs(v.f), v.flop);
+        return 0;
+    }
+    const double seconds = std::atof(secs);
+    const Nvml nv;
+    const size_t n = vs.size();
+    std::vector<Sustained> r1(n), r2(n);
+    for (size_t i = 0; i < n; ++i) r1[i] = sustain(vs[i].f, seconds, nv);
+    for (size_t i = n; i-- > 0;) r2[i] = sustain(vs[i].f, seconds, nv);
+    std::printf("sustained %.1f s per line, two passes (forwards, backwards); energy = power x time per call,\n"
+                "relative = energy per useful FLOP / the first line's\n", seconds);
+    std::printf("%-38s %9s %9s %7s %6s %6s %8s %6s\n", "GEMM", "us pass1", "us pass2", "TFLOP/s", "MHz", "W",
+                "mJ/call", "rel");
+    double ref = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const double us = 0.5 * (r1[i].us + r2[i].us), mhz = 0.5 * (r1[i].mhz + r2[i].mhz);
+        const double w = 0.5 * (r1[i].watts + r2[i].watts), mj = w * us * 1e-3;
+        const double perFlop = mj / vs[i].flop;
+        if (i == 0) ref = perFlop;
+        std::printf("%-38s %9.1f %9.1f %7.1f %6.0f %6.0f %8.2f %6.3f\n", vs[i].name.c_str(), r1[i].us, r2[i].us,
+                    vs[i].flop / us * 1e-6, mhz, w, mj, ref > 0 ? perFlop / ref : 0.0);
+    }
     return 0;
 }

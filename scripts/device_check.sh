@@ -54,14 +54,21 @@ section_probe() {
     # the expert-FFN GEMMs alone (benchmarks/gemm_probe.cu) at the large shapes; PROBE_CFGS lists the
     # ACTVAR_FC1_CFG values to compare (0 = automatic), PROBE_SHAPES the "C T" pairs, comma-separated;
     # PROBE_TRACE=1 adds the warp-specialised kernel's per-tile cycle breakdown and its epilogue's phases
-    # (-DACTVAR_WS_TRACE)
+    # (-DACTVAR_WS_TRACE); PROBE_SECONDS=s the sustained (power-capped) mode, PROBE_LINES a subset of the lines.
+    # With the cuBLASLt header of the nvidia Python wheel (torch's) the probe adds cuBLASLt's GEMMs of the same
+    # useful FLOPs, loading that wheel's libcublasLt.so.13.
     echo "== probe: benchmarks/gemm_probe.cu"
     mkdir -p build/probe
-    local trace=""
+    local trace="" lt=() ltlib
     [ "${PROBE_TRACE:-0}" = 1 ] && trace=-DACTVAR_WS_TRACE
+    ltlib=$(python3 -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))" 2>/dev/null)
+    if [ -n "$ltlib" ] && [ -f "$ltlib/include/cublasLt.h" ]; then
+        lt=(-DACTVAR_HAVE_CUBLASLT "-I$ltlib/include" plugins/expert_routing/dense_lt.cu -ldl)
+        export LD_LIBRARY_PATH=$ltlib/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DACTVAR_HAVE_SM90A $trace --expt-relaxed-constexpr \
         -Iplugins/common -Iplugins/expert_routing benchmarks/gemm_probe.cu plugins/expert_routing/gemm_sm90.cu \
-        plugins/expert_routing/gemm_sm90_ws.cu -o build/probe/gemm_probe || return 1
+        plugins/expert_routing/gemm_sm90_ws.cu "${lt[@]}" -o build/probe/gemm_probe || return 1
     local cfg shape shapes
     IFS=',' read -ra shapes <<< "${PROBE_SHAPES:-1024 24576,1920 24576,1024 6144,1920 4064}"
     for shape in "${shapes[@]}"; do

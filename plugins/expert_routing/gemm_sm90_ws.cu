@@ -41,6 +41,7 @@ namespace {
 using namespace sm90;
 
 constexpr int kWsThreads = 384;
+constexpr int64_t kBandMinBBytes = 16 << 20;   // B operand size from which grouped GEMMs walk banded (launchTmaWs)
 
 // Shared memory: the stages (1024-byte aligned), per consumer warpgroup an 8 KB staging buffer and two 512-byte
 // bias buffers (alternate tiles), a 512-byte row of zeros (the source of the gathered producer's zero stores), then
@@ -137,7 +138,7 @@ __device__ __forceinline__ void cpAsyncArriveNoinc(uint32_t bar) {
 template <typename T, int BN, int kStages, bool GELU, bool COOP, bool GATHER, int CL>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemmTmaWsKernel(GemmArgs<T> p, const __grid_constant__ CUtensorMap mapA, const __grid_constant__ CUtensorMap mapB,
-                    int groups, int mTiles, int nTiles) {
+                    int groups, int mTiles, int nTiles, int band) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
     static_assert(kStages >= 2, "need at least 2 stages");
@@ -175,11 +176,23 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         int nt, g, mt;   // n-tile, group, this CTA's m-tile
         bool empty;      // skipped by every role: the unit's first m-tile lies beyond the group's rows
     };
+    // band > 0 (grouped GEMMs): bands of `band` m-units, within a band the m-units fastest, then n-tile, then group,
+    // so that the CTAs running together share few B tiles and a band's A rows stay in L2 while every (group, n-tile)
+    // passes over them; band = 0: (group, n-tile) fastest, m-units slowest
+    const int mUnits = (mTiles + CL - 1) / CL, combos = groups * nTiles;
     const auto unitAt = [&](int L) {
         Unit u;
-        u.nt = L % nTiles;
-        u.g = (L / nTiles) % groups;
-        u.mt = L / (nTiles * groups) * CL + crank;
+        int mu, c;
+        if (band > 0) {
+            const int b = L / (band * combos), m0 = b * band, len = min(band, mUnits - m0);
+            const int i = L - m0 * combos;
+            mu = m0 + i % len, c = i / len;
+        } else {
+            mu = L / combos, c = L % combos;
+        }
+        u.nt = c % nTiles;
+        u.g = c / nTiles;
+        u.mt = mu * CL + crank;
         u.empty = (u.mt - crank) * kBM >= sCount[u.g];
         return u;
     };
@@ -419,10 +432,18 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     const int mTiles = (maxM + kBM - 1) / kBM, nTiles = (p.N + BN - 1) / BN;
+    // Grouped GEMMs (fc1 of the routed path) whose B operand (every group's weights) takes a third of the L2 or more
+    // walk their units in bands of 8 m-units: with (group, n-tile) fastest the CTAs of one wave cycle through all of
+    // B and the output stream evicts it (d30: 29.5 MB of W1; fc1 read 1.18 GB from DRAM for 0.12 GB of operands),
+    // banded 0.60 GB and 2.6-3.7 % less energy per call; with a B that stays in L2 (d16: 8.4 MB) banding costs 1-3 %
+    // (plugins/NOTES.md, v33). ACTVAR_FC1_BAND=n forces bands of n m-units (0: never).
+    static const int bandEnv = envInt("ACTVAR_FC1_BAND", -1);
+    const int64_t bBytes = ((int64_t)(groups - 1) * p.groupN + p.N) * p.K * (int64_t)sizeof(T);
+    const int band = groups <= 1 ? 0 : bandEnv >= 0 ? bandEnv : bBytes >= kBandMinBBytes ? 8 : 0;
     const int64_t units = (int64_t)(mTiles + CL - 1) / CL * groups * nTiles;
     if constexpr (CL == 1) {
         const int grid = (int)std::min<int64_t>(units, numSms);
-        kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles);
+        kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles, band);
         return cudaGetLastError();
     } else {
         cudaLaunchConfig_t cfg = {};
@@ -448,7 +469,7 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
         }
         if (clusters == 0) return cudaErrorNotSupported;   // the caller launches single CTAs
         cfg.gridDim = dim3((unsigned)(CL * std::min<int64_t>(units, clusters)));
-        return cudaLaunchKernelEx(&cfg, kern, p, mapA, mapB, groups, mTiles, nTiles);
+        return cudaLaunchKernelEx(&cfg, kern, p, mapA, mapB, groups, mTiles, nTiles, band);
     }
 }
 
