@@ -269,7 +269,8 @@ int main(int argc, char** argv) {
         std::printf("(cuBLASLt not available: libcublasLt.so.13 not on the loader path)\n");
     }
 #endif
-    if (const char* only = std::getenv("PROBE_LINES")) {   // e.g. "0,3,7": these lines only (indices as printed)
+    // PROBE_LINES, e.g. "0,3,7": only these lines (0-based positions in the list above, cuBLASLt lines from 7 on)
+    if (const char* only = std::getenv("PROBE_LINES")) {
         std::vector<Variant> keep;
         for (const char* c = only; *c;) {
             char* end = nullptr;
@@ -294,6 +295,10 @@ int main(int argc, char** argv) {
         return 0;
     }
     const double seconds = std::atof(secs);
+    if (!(seconds > 0)) {
+        std::fprintf(stderr, "PROBE_SECONDS must be a positive number of seconds, got '%s'\n", secs);
+        return 2;
+    }
     const Nvml nv;
     const size_t n = vs.size();
     std::vector<Sustained> r1(n), r2(n);
