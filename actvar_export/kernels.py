@@ -71,6 +71,8 @@ def load_library():
         lib.actvarExpertFfnWorkspaceSize.restype = ctypes.c_size_t
         lib.actvarPluginsVersion.restype = ctypes.c_int
         lib.actvarExpertFfnCublasLt.restype = ctypes.c_int
+        lib.actvarExpertFfnPath.argtypes = [i32, i32]
+        lib.actvarExpertFfnPath.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -172,6 +174,18 @@ def expert_ffn_uses_cublaslt() -> int:
     could not be opened or is disabled (ACTVAR_DISABLE_CUBLASLT=1; the plugin's own kernels run), -1 if the library
     was built without the cuBLASLt header."""
     return int(load_library().actvarExpertFfnCublasLt())
+
+
+_PATHS = {0: "dense-lt", 1: "masked", 2: "routed"}
+
+
+def expert_ffn_path(T: int, dtype: torch.dtype) -> str:
+    """The path the expert FFN tries first for T tokens of dtype on the current device, from the library's own
+    settings: 'dense-lt' (cuBLASLt GEMMs + one routing/masking kernel), 'masked' (the plugin's masked-dense sm_90a
+    kernels, Hopper without cuBLASLt) or 'routed' (routing, gathered fc1, fc2)."""
+    if dtype not in _DTYPES or T < 0:
+        raise KernelError(f"expert_ffn_path: dtype {dtype} / T {T} outside the contract")
+    return _PATHS[int(load_library().actvarExpertFfnPath(int(T), _DTYPES[dtype]))]
 
 
 def expert_ffn_workspace_size(T: int, C: int, hidden: int, num_experts: int, top_k: int,

@@ -165,14 +165,8 @@ def bench_tokens(ceil, dtype=torch.bfloat16):
 
 
 def expert_path(T: int) -> str:
-    """Which expert-FFN path the plugin takes at T tokens (bf16, Hopper), from the same settings it reads:
-    dense-lt (cuBLASLt GEMMs, T <= ACTVAR_DENSE_MAX_T), masked (own masked-dense kernels, no cuBLASLt,
-    T <= ACTVAR_MASKED_DENSE_MAX_T) or routed."""
-    if kernels.expert_ffn_uses_cublaslt() == 1 and T <= int(os.environ.get("ACTVAR_DENSE_MAX_T", "4096")):
-        return "dense-lt"
-    if T <= int(os.environ.get("ACTVAR_MASKED_DENSE_MAX_T", "512")):
-        return "masked"
-    return "routed"
+    """Which expert-FFN path the plugin takes at T tokens (bf16), as the library reports it (its own thresholds)."""
+    return kernels.expert_ffn_path(T, torch.bfloat16)
 
 
 def ffn_calls(C, T, R, dtype=torch.bfloat16):

@@ -239,6 +239,26 @@ def test_expert_ffn_full_ratio_is_dense(dev, K):
     assert _rel(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("T", [100, 4096, 4097, 6144])
+def test_expert_ffn_path_is_the_path_taken(dev, K, T):
+    """expert_ffn_path (the library's own answer, used for the benchmark's row labels) names the path whose kernels
+    actually run: the dense path's routing/masking kernel, the masked path's routing kernel without token lists, or
+    the routed path's token lists. Also run in every forced-path child process below (other thresholds)."""
+    from torch.profiler import ProfilerActivity, profile
+    args = _ffn_inputs(T, 256, N_EXPERTS, torch.bfloat16, dev, seed=T)
+    path = K.expert_ffn_path(T, torch.bfloat16)
+    K.expert_ffn(*args, TOP_K)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        K.expert_ffn(*args, TOP_K)
+        torch.cuda.synchronize()
+    names = " ".join(e.key for e in prof.key_averages())
+    marker = {"dense-lt": "routeZeroKernel", "masked": "routeBitsKernel", "routed": "expertListsKernel"}[path]
+    assert marker in names, f"{path} reported, kernels run: {names[:1500]}"
+    if path != "routed":
+        assert "expertListsKernel" not in names, f"{path} reported but the routed path ran"
+
+
 def test_invalid_arguments(dev, K):
     h, logits, w1, b1, w2, b2 = _ffn_inputs(10, 64, 16, torch.float16, dev, seed=1)
     with pytest.raises(K.KernelError):

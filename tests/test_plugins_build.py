@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTS = ["actvarTopkAscending", "actvarTokenSelect", "actvarTokenGather", "actvarTokenScatter",
            "actvarExpertRoute", "actvarExpertFfn", "actvarExpertFfnWorkspaceSize", "actvarPluginsVersion",
-           "actvarExpertFfnCublasLt"]
+           "actvarExpertFfnCublasLt", "actvarExpertFfnPath"]
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,62 @@ def test_cublaslt_path_compiled_when_header_present(built_lib):
         assert state in (0, 1), "cublasLt.h is installed but the library was built without the cuBLASLt path"
     else:
         assert state in (-1, 0, 1)
+
+
+_PATH_PROBE = r"""
+import ctypes, json, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.actvarExpertFfnCublasLt.restype = ctypes.c_int
+f = lib.actvarExpertFfnPath
+f.argtypes = [ctypes.c_int, ctypes.c_int]
+f.restype = ctypes.c_int
+Ts = [int(t) for t in sys.argv[2].split(",")]
+print(json.dumps({"lt": lib.actvarExpertFfnCublasLt(), "paths": {d: [f(t, d) for t in Ts] for d in (0, 1, 2, 3)}}))
+"""
+
+
+def _paths(built_lib, Ts, **env):
+    """actvarExpertFfnPath(T, dtype) for every T and dtype 0-3 in a child process (the library reads its settings
+    once per process), with the given environment added."""
+    import json
+    r = subprocess.run([sys.executable, "-c", _PATH_PROBE, str(built_lib), ",".join(map(str, Ts))],
+                       env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    return out["lt"], {int(k): v for k, v in out["paths"].items()}
+
+
+def _wheel_cublaslt_libdir():
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for p in nvidia.__path__:
+        d = Path(p) / "cu13" / "lib"
+        if (d / "libcublasLt.so.13").is_file():
+            return str(d)
+    return None
+
+
+def test_expert_ffn_path_without_gpu(built_lib):
+    """The path the expert FFN would take (host-only, the benchmark's row labels): dense (0) only for fp16/bf16 with
+    cuBLASLt opened and T <= ACTVAR_DENSE_MAX_T, never the masked sm_90a path (1) without a Hopper GPU, routed (2)
+    otherwise; -1 for an unknown dtype or T < 0. With the cuBLAS wheel's library on the loader path cuBLASLt opens
+    on the CPU machine too, so the threshold and the switch-off are checked for real."""
+    Ts = [-1, 0, 1, 1000, 1001, 4096, 4097, 10 ** 6]
+    lt, paths = _paths(built_lib, Ts)
+    for d in (0, 1, 2):
+        want = [-1] + [0 if lt == 1 and d != 0 and t <= 4096 else 2 for t in Ts[1:]]
+        assert paths[d] == want, (d, lt, paths[d])
+    assert paths[3] == [-1] * len(Ts)
+    libdir = _wheel_cublaslt_libdir()
+    if libdir is None or lt == -1:
+        pytest.skip("cuBLASLt not built in or the nvidia-cublas wheel is absent: thresholds not checkable here")
+    ld = libdir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")
+    lt, paths = _paths(built_lib, Ts, LD_LIBRARY_PATH=ld, ACTVAR_DENSE_MAX_T="1000")
+    assert lt == 1
+    for d in (1, 2):
+        assert paths[d] == [-1, 0, 0, 0, 2, 2, 2, 2], (d, paths[d])
+    assert paths[0] == [-1] + [2] * (len(Ts) - 1)            # float32 never takes the cuBLASLt path
+    lt, paths = _paths(built_lib, Ts, LD_LIBRARY_PATH=ld, ACTVAR_DISABLE_CUBLASLT="1")
+    assert lt == 0 and all(p == [-1] + [2] * (len(Ts) - 1) for d, p in paths.items() if d != 3)

@@ -740,6 +740,17 @@ extern "C" int actvarExpertFfnCublasLt(void) {
 #endif
 }
 
+extern "C" int actvarExpertFfnPath(int T, int dtype) {
+    // the conditions of expertFfnImpl's first two branches (same settings, read through the same functions)
+    const size_t es = elemSize(dtype);
+    if (!es || T < 0) return -1;
+    if (es == 2 && T <= denseMaxTokens() && ltAvailable()) return 0;
+#if defined(ACTVAR_HAVE_SM90A)
+    if (es == 2 && T <= maskedDenseMaxTokens() && useWgmma()) return 1;
+#endif
+    return 2;
+}
+
 extern "C" size_t actvarExpertFfnWorkspaceSize(int T, int C, int hidden, int N, int top_k, int dtype) {
     const size_t es = elemSize(dtype);
     if (T <= 0 || !es || N < 1 || hidden < 1 || top_k < 1) return 0;

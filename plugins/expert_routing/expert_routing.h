@@ -34,6 +34,14 @@ ACTVAR_API cudaError_t actvarExpertFfn(const void* h, const float* logits, const
  * instead), -1 = library built without the cuBLASLt header. */
 ACTVAR_API int actvarExpertFfnCublasLt(void);
 
+/* The path actvarExpertFfn tries first for T tokens of `dtype` on the current device, from the settings it reads
+ * (ACTVAR_DENSE_MAX_T, ACTVAR_MASKED_DENSE_MAX_T, ACTVAR_DISABLE_CUBLASLT, ACTVAR_DISABLE_WGMMA): 0 = dense
+ * (cuBLASLt GEMMs + one routing/masking kernel), 1 = masked-dense (the plugin's own sm_90a kernels, Hopper without
+ * cuBLASLt), 2 = routed (routing, gathered fc1, fc2). A kernel that rejects the arguments (e.g. misaligned
+ * pointers) still falls back to the routed path at run time. -1 for an unknown dtype or T < 0. Host-only: no GPU
+ * needed (without one, 1 is never returned). */
+ACTVAR_API int actvarExpertFfnPath(int T, int dtype);
+
 #ifdef __cplusplus
 }
 #endif
