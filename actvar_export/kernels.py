@@ -71,8 +71,9 @@ def load_library():
         lib.actvarExpertFfnWorkspaceSize.restype = ctypes.c_size_t
         lib.actvarPluginsVersion.restype = ctypes.c_int
         lib.actvarExpertFfnCublasLt.restype = ctypes.c_int
-        lib.actvarExpertFfnPath.argtypes = [i32, i32]
-        lib.actvarExpertFfnPath.restype = ctypes.c_int
+        if hasattr(lib, "actvarExpertFfnPath"):   # (libraries built before version 101 lack it)
+            lib.actvarExpertFfnPath.argtypes = [i32, i32]
+            lib.actvarExpertFfnPath.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -185,7 +186,10 @@ def expert_ffn_path(T: int, dtype: torch.dtype) -> str:
     kernels, Hopper without cuBLASLt) or 'routed' (routing, gathered fc1, fc2)."""
     if dtype not in _DTYPES or T < 0:
         raise KernelError(f"expert_ffn_path: dtype {dtype} / T {T} outside the contract")
-    return _PATHS[int(load_library().actvarExpertFfnPath(int(T), _DTYPES[dtype]))]
+    lib = load_library()
+    if not hasattr(lib, "actvarExpertFfnPath"):
+        raise KernelError(f"{library_path()} predates actvarExpertFfnPath (library version 101): rebuild plugins/")
+    return _PATHS[int(lib.actvarExpertFfnPath(int(T), _DTYPES[dtype]))]
 
 
 def expert_ffn_workspace_size(T: int, C: int, hidden: int, num_experts: int, top_k: int,

@@ -135,7 +135,7 @@ cudaError_t launchRowCopy(const void* src, void* dst, const int32_t* idx, int S,
 
 using namespace actvar;
 
-extern "C" int actvarPluginsVersion(void) { return 100; }
+extern "C" int actvarPluginsVersion(void) { return 101; }   // 101: actvarExpertFfnPath
 
 extern "C" cudaError_t actvarTopkAscending(const float* scores, int32_t* idx, int rows, int L, int K,
                                            cudaStream_t stream) {
