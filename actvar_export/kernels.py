@@ -183,7 +183,8 @@ _PATHS = {0: "dense-lt", 1: "masked", 2: "routed"}
 def expert_ffn_path(T: int, dtype: torch.dtype) -> str:
     """The path the expert FFN tries first for T tokens of dtype on the current device, from the library's own
     settings: 'dense-lt' (cuBLASLt GEMMs + one routing/masking kernel), 'masked' (the plugin's masked-dense sm_90a
-    kernels, Hopper without cuBLASLt) or 'routed' (routing, gathered fc1, fc2)."""
+    kernels: Hopper without cuBLASLt, or T above ACTVAR_DENSE_MAX_T but within ACTVAR_MASKED_DENSE_MAX_T) or
+    'routed' (routing, gathered fc1, fc2). A kernel rejecting the arguments makes a call fall through to the next."""
     if dtype not in _DTYPES or T < 0:
         raise KernelError(f"expert_ffn_path: dtype {dtype} / T {T} outside the contract")
     lib = load_library()

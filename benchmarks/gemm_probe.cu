@@ -25,6 +25,7 @@
 
 #include <dlfcn.h>
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <string>
 
@@ -70,14 +71,16 @@ float timeUs(F f) {
     return v[v.size() / 2];
 }
 
-// NVML through dlopen (no link dependency): SM clock (MHz) and board power (W); zeros when unavailable.
+// NVML through dlopen (no link dependency): SM clock (MHz), board power (W) and the board's energy counter (mJ).
 struct Nvml {
     using Init = int (*)();
     using Handle = int (*)(unsigned, void**);
     using Clock = int (*)(void*, int, unsigned*);
     using Power = int (*)(void*, unsigned*);
+    using Energy = int (*)(void*, unsigned long long*);
     Clock clock = nullptr;
     Power power = nullptr;
+    Energy energy = nullptr;
     void* dev = nullptr;
     Nvml() {
         void* h = dlopen("libnvidia-ml.so.1", RTLD_NOW);
@@ -86,51 +89,91 @@ struct Nvml {
         auto byIndex = (Handle)dlsym(h, "nvmlDeviceGetHandleByIndex_v2");
         clock = (Clock)dlsym(h, "nvmlDeviceGetClockInfo");
         power = (Power)dlsym(h, "nvmlDeviceGetPowerUsage");
+        energy = (Energy)dlsym(h, "nvmlDeviceGetTotalEnergyConsumption");
         int ord = 0;
         CK(cudaGetDevice(&ord));   // NVML's index order can differ; the probe runs on a one-GPU machine
         if (!init || !byIndex || !clock || !power || init() != 0 || byIndex((unsigned)ord, &dev) != 0) dev = nullptr;
     }
-    void sample(double& mhz, double& watts) const {
-        unsigned c = 0, mw = 0;
-        if (dev && clock(dev, 1 /* NVML_CLOCK_SM */, &c) == 0 && power(dev, &mw) == 0) mhz = c, watts = mw * 1e-3;
+    bool clockMHz(double& mhz) const {
+        unsigned c = 0;
+        if (!dev || clock(dev, 1 /* NVML_CLOCK_SM */, &c) != 0) return false;
+        mhz = c;
+        return true;
+    }
+    bool watts(double& w) const {
+        unsigned mw = 0;
+        if (!dev || power(dev, &mw) != 0) return false;
+        w = mw * 1e-3;
+        return true;
+    }
+    bool energyMJ(double& mj) const {   // millijoules since the driver was loaded
+        unsigned long long e = 0;
+        if (!dev || !energy || energy(dev, &e) != 0) return false;
+        mj = (double)e;
+        return true;
     }
 };
 
-struct Sustained { double us = 0, mhz = 0, watts = 0; };
+struct Sustained { double us = 0, mhz = 0, watts = 0, mj = 0; };
 
-// Calls f back to back for `seconds` after 1 s of warm-up; time per call from CUDA events over batches of calls,
-// clock and power sampled after every batch.
+// Calls f back to back: 1 s of warm-up, then `seconds` measured. Batches of 10 calls, one batch always queued
+// behind the one the host waits for, so the GPU does not idle while the host reads NVML. Time per call from CUDA
+// events; energy per call from the board's energy counter over exactly the measured batches (read when the batch
+// before the first and the last measured batch completed: the GPU ran nothing else in between); without that
+// counter, mean sampled power x time per call. Clock: mean of the samples taken after each batch.
 template <class F>
 Sustained sustain(F f, double seconds, const Nvml& nv) {
     using Clk = std::chrono::steady_clock;
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    auto runFor = [&](double s, bool measure) {
-        Sustained r;
-        int samples = 0;
-        double calls = 0, ms = 0;
-        const auto t0 = Clk::now();
-        while (std::chrono::duration<double>(Clk::now() - t0).count() < s) {
-            CK(cudaEventRecord(a));
-            for (int i = 0; i < 10; ++i) CK(f());
-            CK(cudaEventRecord(b));
-            CK(cudaEventSynchronize(b));
-            float m = 0;
-            CK(cudaEventElapsedTime(&m, a, b));
-            if (!measure) continue;
-            ms += m, calls += 10;
-            double c = 0, w = 0;
-            nv.sample(c, w);
-            r.mhz += c, r.watts += w, ++samples;
-        }
-        if (measure && calls > 0) r.us = ms * 1e3 / calls, r.mhz /= samples, r.watts /= samples;
-        return r;
+    cudaEvent_t ev[2][2];
+    for (auto& e : ev) {
+        CK(cudaEventCreate(&e[0]));
+        CK(cudaEventCreate(&e[1]));
+    }
+    const auto enqueue = [&](int slot) {
+        CK(cudaEventRecord(ev[slot][0]));
+        for (int i = 0; i < 10; ++i) CK(f());
+        CK(cudaEventRecord(ev[slot][1]));
     };
-    runFor(1.0, false);
-    const Sustained r = runFor(seconds, true);
-    CK(cudaEventDestroy(a));
-    CK(cudaEventDestroy(b));
+    const auto t0 = Clk::now();
+    const auto since = [&] { return std::chrono::duration<double>(Clk::now() - t0).count(); };
+    Sustained r;
+    int clocks = 0, powers = 0;
+    double calls = 0, ms = 0, e0 = 0, e1 = 0, w0 = 0, w1 = 0;
+    bool measuring = false, energyOk = true;
+    int k = 0;
+    enqueue(0);
+    for (;; ++k) {
+        enqueue((k + 1) & 1);
+        CK(cudaEventSynchronize(ev[k & 1][1]));
+        const double now = since();
+        if (!measuring) {
+            if (now >= 1.0) measuring = true, energyOk = nv.energyMJ(e0), w0 = now;
+            continue;
+        }
+        float m = 0;
+        CK(cudaEventElapsedTime(&m, ev[k & 1][0], ev[k & 1][1]));
+        ms += m, calls += 10;
+        double c = 0, w = 0;
+        if (nv.clockMHz(c)) r.mhz += c, ++clocks;
+        if (nv.watts(w)) r.watts += w, ++powers;
+        if (now >= 1.0 + seconds) break;
+    }
+    energyOk = energyOk && nv.energyMJ(e1);
+    w1 = since();
+    CK(cudaEventSynchronize(ev[(k + 1) & 1][1]));   // the batch still queued
+    r.us = ms * 1e3 / calls;
+    r.mhz = clocks ? r.mhz / clocks : 0.0;
+    if (energyOk && e1 > e0) {
+        r.mj = (e1 - e0) / calls;
+        r.watts = (e1 - e0) * 1e-3 / (w1 - w0);
+    } else {
+        r.watts = powers ? r.watts / powers : 0.0;
+        r.mj = r.watts * r.us * 1e-3;
+    }
+    for (auto& e : ev) {
+        CK(cudaEventDestroy(e[0]));
+        CK(cudaEventDestroy(e[1]));
+    }
     return r;
 }
 
@@ -275,8 +318,12 @@ int main(int argc, char** argv) {
         for (const char* c = only; *c;) {
             char* end = nullptr;
             const long i = std::strtol(c, &end, 10);
-            if (end == c) break;
-            if (i >= 0 && i < (long)vs.size()) keep.push_back(vs[i]);
+            if (end == c || i < 0 || i >= (long)vs.size() || (*end && *end != ',')) {
+                std::fprintf(stderr, "PROBE_LINES: expected comma-separated line numbers 0-%zu, got '%s'\n",
+                             vs.size() - 1, only);
+                return 2;
+            }
+            keep.push_back(vs[i]);
             c = *end ? end + 1 : end;
         }
         vs.swap(keep);
@@ -295,7 +342,7 @@ int main(int argc, char** argv) {
         return 0;
     }
     const double seconds = std::atof(secs);
-    if (!(seconds > 0)) {
+    if (!(seconds > 0) || !std::isfinite(seconds)) {
         std::fprintf(stderr, "PROBE_SECONDS must be a positive number of seconds, got '%s'\n", secs);
         return 2;
     }
@@ -304,14 +351,14 @@ int main(int argc, char** argv) {
     std::vector<Sustained> r1(n), r2(n);
     for (size_t i = 0; i < n; ++i) r1[i] = sustain(vs[i].f, seconds, nv);
     for (size_t i = n; i-- > 0;) r2[i] = sustain(vs[i].f, seconds, nv);
-    std::printf("sustained %.1f s per line, two passes (forwards, backwards); energy = power x time per call,\n"
-                "relative = energy per useful FLOP / the first line's\n", seconds);
+    std::printf("sustained %.1f s per line, two passes (forwards, backwards); mJ/call from the board's energy counter\n"
+                "(else mean power x time per call); relative = energy per useful FLOP / the first line's\n", seconds);
     std::printf("%-38s %9s %9s %7s %6s %6s %8s %6s\n", "GEMM", "us pass1", "us pass2", "TFLOP/s", "MHz", "W",
                 "mJ/call", "rel");
     double ref = 0;
     for (size_t i = 0; i < n; ++i) {
         const double us = 0.5 * (r1[i].us + r2[i].us), mhz = 0.5 * (r1[i].mhz + r2[i].mhz);
-        const double w = 0.5 * (r1[i].watts + r2[i].watts), mj = w * us * 1e-3;
+        const double w = 0.5 * (r1[i].watts + r2[i].watts), mj = 0.5 * (r1[i].mj + r2[i].mj);
         const double perFlop = mj / vs[i].flop;
         if (i == 0) ref = perFlop;
         std::printf("%-38s %9.1f %9.1f %7.1f %6.0f %6.0f %8.2f %6.3f\n", vs[i].name.c_str(), r1[i].us, r2[i].us,

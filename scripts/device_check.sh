@@ -59,12 +59,15 @@ section_probe() {
     # useful FLOPs, loading that wheel's libcublasLt.so.13.
     echo "== probe: benchmarks/gemm_probe.cu"
     mkdir -p build/probe
-    local trace="" lt=() ltlib
+    local trace="" lt=() ltlib ldpath=${LD_LIBRARY_PATH:-}
     [ "${PROBE_TRACE:-0}" = 1 ] && trace=-DACTVAR_WS_TRACE
-    ltlib=$(python3 -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))" 2>/dev/null)
-    if [ -n "$ltlib" ] && [ -f "$ltlib/include/cublasLt.h" ]; then
+    ltlib=$(python3 -c "
+import nvidia, os
+print(next((d for d in (os.path.join(p, 'cu13') for p in nvidia.__path__)
+            if os.path.isfile(os.path.join(d, 'include', 'cublasLt.h'))), ''))" 2>/dev/null)
+    if [ -n "$ltlib" ]; then
         lt=(-DACTVAR_HAVE_CUBLASLT "-I$ltlib/include" plugins/expert_routing/dense_lt.cu -ldl)
-        export LD_LIBRARY_PATH=$ltlib/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        ldpath=$ltlib/lib${ldpath:+:$ldpath}
     fi
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DACTVAR_HAVE_SM90A $trace --expt-relaxed-constexpr \
         -Iplugins/common -Iplugins/expert_routing benchmarks/gemm_probe.cu plugins/expert_routing/gemm_sm90.cu \
@@ -73,7 +76,8 @@ section_probe() {
     IFS=',' read -ra shapes <<< "${PROBE_SHAPES:-1024 24576,1920 24576,1024 6144,1920 4064}"
     for shape in "${shapes[@]}"; do
         for cfg in ${PROBE_CFGS:-0}; do
-            if [ "$cfg" = 0 ]; then build/probe/gemm_probe $shape; else ACTVAR_FC1_CFG=$cfg build/probe/gemm_probe $shape; fi
+            if [ "$cfg" = 0 ]; then LD_LIBRARY_PATH=$ldpath build/probe/gemm_probe $shape
+            else LD_LIBRARY_PATH=$ldpath ACTVAR_FC1_CFG=$cfg build/probe/gemm_probe $shape; fi
         done
     done 2>&1 | tee "$OUT/probe.log"
     return ${PIPESTATUS[0]}

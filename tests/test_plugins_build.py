@@ -132,10 +132,13 @@ print(json.dumps({"lt": lib.actvarExpertFfnCublasLt(), "paths": {d: [f(t, d) for
 
 def _paths(built_lib, Ts, **env):
     """actvarExpertFfnPath(T, dtype) for every T and dtype 0-3 in a child process (the library reads its settings
-    once per process), with the given environment added."""
+    once per process) that sees no GPU, with the given settings."""
     import json
+    # no GPU (so the Hopper-only masked path is never reported) and none of the caller's ACTVAR_* settings
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ACTVAR_")}
+    base["CUDA_VISIBLE_DEVICES"] = ""
     r = subprocess.run([sys.executable, "-c", _PATH_PROBE, str(built_lib), ",".join(map(str, Ts))],
-                       env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+                       env=dict(base, **env), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     return out["lt"], {int(k): v for k, v in out["paths"].items()}

@@ -36,10 +36,11 @@ ACTVAR_API int actvarExpertFfnCublasLt(void);
 
 /* The path actvarExpertFfn tries first for T tokens of `dtype` on the current device, from the settings it reads
  * (ACTVAR_DENSE_MAX_T, ACTVAR_MASKED_DENSE_MAX_T, ACTVAR_DISABLE_CUBLASLT, ACTVAR_DISABLE_WGMMA): 0 = dense
- * (cuBLASLt GEMMs + one routing/masking kernel), 1 = masked-dense (the plugin's own sm_90a kernels, Hopper without
- * cuBLASLt), 2 = routed (routing, gathered fc1, fc2). A kernel that rejects the arguments (e.g. misaligned
- * pointers) still falls back to the routed path at run time. -1 for an unknown dtype or T < 0. Host-only: no GPU
- * needed (without one, 1 is never returned). */
+ * (cuBLASLt GEMMs + one routing/masking kernel), 1 = masked-dense (the plugin's own sm_90a kernels: Hopper without
+ * cuBLASLt, or T between the two thresholds), 2 = routed (routing, gathered fc1, fc2). A kernel that rejects the
+ * arguments (e.g. misaligned pointers) makes a call fall through to the next path (dense -> masked-dense -> routed)
+ * at run time. T = 0 reports the choice a call would make, though such a call returns at once. -1 for an unknown
+ * dtype or T < 0. Host-only: no GPU needed (without one, 1 is never returned). */
 ACTVAR_API int actvarExpertFfnPath(int T, int dtype);
 
 #ifdef __cplusplus

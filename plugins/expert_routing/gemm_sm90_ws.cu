@@ -21,8 +21,9 @@
 //     chunks (sm90_util.cuh).
 //     COOP: both consumers work on every 128 x BN tile (rows 64c..64c+63); else ping-pong: consumers take
 //     alternate 128 x BN tiles, so one's epilogue overlaps the other's MMAs.
-// Units L = (mUnit * groups + group) * nTiles + nTile of CL m-tiles each (CTA rank r of a cluster takes m-tile
-// CL * mUnit + r), cluster c taking L = c, c + clusters, ...; units whose first m-tile lies beyond a group's row
+// Units L of CL m-tiles each (CTA rank r of a cluster takes m-tile CL * mUnit + r): L = (mUnit * groups + group) *
+// nTiles + nTile, or for grouped GEMMs with large weights in bands of m-units (see unitAt), cluster c taking
+// L = c, c + clusters, ...; units whose first m-tile lies beyond a group's row
 // count are skipped by all roles alike (an empty second m-tile still takes part: zero rows, no stores), so the
 // ring position of step k of the CTA's j-th non-empty unit is j * KT + k for everybody. Ping-pong ordering ("turn"
 // barriers): an mbarrier parity wait is only meaningful one phase ahead, so the consumer of tile j + 1 starts
@@ -439,7 +440,8 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
     // (plugins/NOTES.md, v33). ACTVAR_FC1_BAND=n forces bands of n m-units (0: never).
     static const int bandEnv = envInt("ACTVAR_FC1_BAND", -1);
     const int64_t bBytes = ((int64_t)(groups - 1) * p.groupN + p.N) * p.K * (int64_t)sizeof(T);
-    const int band = groups <= 1 ? 0 : bandEnv >= 0 ? bandEnv : bBytes >= kBandMinBBytes ? 8 : 0;
+    const int band = std::min(groups <= 1 ? 0 : bandEnv >= 0 ? bandEnv : bBytes >= kBandMinBBytes ? 8 : 0,
+                              (mTiles + CL - 1) / CL);   // (a band of all m-units walks them the same way)
     const int64_t units = (int64_t)(mTiles + CL - 1) / CL * groups * nTiles;
     if constexpr (CL == 1) {
         const int grid = (int)std::min<int64_t>(units, numSms);
