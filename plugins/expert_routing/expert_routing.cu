@@ -484,6 +484,13 @@ int maskedDenseMaxTokens() {
 }
 #endif
 
+// The first two branches of expertFfnImpl, also reported by actvarExpertFfnPath (es: element size; float32 never
+// takes them): the cuBLASLt dense path, then the masked-dense path on Hopper.
+bool denseLtFirst(int T, size_t es) { return es == 2 && T <= denseMaxTokens() && ltAvailable(); }
+#if defined(ACTVAR_HAVE_SM90A)
+bool maskedDenseFirst(int T, size_t es) { return es == 2 && T <= maskedDenseMaxTokens() && useWgmma(); }
+#endif
+
 // ACTVAR_ZERO_PASS=1: the unchosen slices of H zeroed by the separate pass even where fc1 could (measurements).
 bool zeroPassForced() {
     static const bool v = envInt("ACTVAR_ZERO_PASS", 0) != 0;
@@ -646,7 +653,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     // unchosen slices of H. Three launches, like the dense FFN (whose middle one, GELU, reads and writes all of
     // H; this one writes a quarter). Same result as the routed path up to fp32 summation order.
     if constexpr (!std::is_same<T, float>::value) {
-        if (Tn <= denseMaxTokens() && ltAvailable()) {
+        if (denseLtFirst(Tn, sizeof(T))) {
             void* lws = ws + L.lt;
             e = ltGemm(h, C, w1, C, b1, H, hidden, Tn, hidden, C, true, lws, stream);
             if (e == cudaSuccess) {
@@ -669,7 +676,7 @@ cudaError_t expertFfnImpl(const T* h, const float* logits, const T* w1, const T*
     // as in the routed path. Same result as the routed path, 3-4 launches instead of 7; it spends the 25 %
     // of fc1 FLOPs that routing would save, which at these sizes costs less than the routing kernels.
     if constexpr (!std::is_same<T, float>::value) {
-        if (Tn <= maskedDenseMaxTokens() && useWgmma()) {
+        if (maskedDenseFirst(Tn, sizeof(T))) {
             // the four kernels are programmatic dependents of their predecessors (launch latency overlapped)
             e = launchKernel(routeBitsKernel, dim3((Tn + 7) / 8), dim3(256), 0, stream, true, (const float*)logits,
                              experts, bits, Tn, N, k);
@@ -741,12 +748,11 @@ extern "C" int actvarExpertFfnCublasLt(void) {
 }
 
 extern "C" int actvarExpertFfnPath(int T, int dtype) {
-    // the conditions of expertFfnImpl's first two branches (same settings, read through the same functions)
     const size_t es = elemSize(dtype);
     if (!es || T < 0) return -1;
-    if (es == 2 && T <= denseMaxTokens() && ltAvailable()) return 0;
+    if (denseLtFirst(T, es)) return 0;
 #if defined(ACTVAR_HAVE_SM90A)
-    if (es == 2 && T <= maskedDenseMaxTokens() && useWgmma()) return 1;
+    if (maskedDenseFirst(T, es)) return 1;
 #endif
     return 2;
 }

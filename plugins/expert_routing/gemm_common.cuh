@@ -63,7 +63,7 @@ inline int fc2SplitK(int T, int C, int hidden) {
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream,
                            bool* restZeroed = nullptr);
-// Warp-specialised, TMA-fed persistent variant (gemm_sm90_ws.cu); cfg 11-13 pick the tiling. Same fallback rule.
+// Warp-specialised, TMA-fed persistent variant (gemm_sm90_ws.cu); cfg 11, 12, 14 pick the tiling. Same fallback rule.
 template <typename T, bool GELU>
 cudaError_t launchGemmSm90Ws(const GemmArgs<T>& p, int groups, int maxM, int numSms, int cfg, cudaStream_t stream,
                              bool* restZeroed = nullptr);

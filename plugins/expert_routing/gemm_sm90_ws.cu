@@ -439,7 +439,7 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
     // banded 0.60 GB and 2.6-3.7 % less energy per call; with a B that stays in L2 (d16: 8.4 MB) banding costs 1-3 %
     // (plugins/NOTES.md, v33). ACTVAR_FC1_BAND=n forces bands of n m-units (0: never).
     static const int bandEnv = envInt("ACTVAR_FC1_BAND", -1);
-    const int64_t bBytes = ((int64_t)(groups - 1) * p.groupN + p.N) * p.K * (int64_t)sizeof(T);
+    const int64_t bBytes = rowsB * p.K * (int64_t)sizeof(T);
     const int band = std::min(groups <= 1 ? 0 : bandEnv >= 0 ? bandEnv : bBytes >= kBandMinBBytes ? 8 : 0,
                               (mTiles + CL - 1) / CL);   // (a band of all m-units walks them the same way)
     const int64_t units = (int64_t)(mTiles + CL - 1) / CL * groups * nTiles;
