@@ -98,12 +98,17 @@ def test_binding_reports_missing_library():
     assert r.returncode == 0 and "missing:" in r.stdout, r.stderr[-2000:]
 
 
-def _wheel_cublaslt_header() -> bool:
+def _wheel_cu13_file(*parts):
+    """The first nvidia/cu13/<parts> file of NVIDIA's CUDA wheels (nvidia-cublas: test extra), or None."""
     try:
-        import nvidia  # namespace package of NVIDIA's CUDA wheels (nvidia-cublas: test extra)
+        import nvidia  # namespace package of the wheels
     except ImportError:
-        return False
-    return any((Path(p) / "cu13" / "include" / "cublasLt.h").is_file() for p in nvidia.__path__)
+        return None
+    return next((f for f in (Path(p, "cu13", *parts) for p in nvidia.__path__) if f.is_file()), None)
+
+
+def _wheel_cublaslt_header() -> bool:
+    return _wheel_cu13_file("include", "cublasLt.h") is not None
 
 
 def test_cublaslt_path_compiled_when_header_present(built_lib):
@@ -145,15 +150,8 @@ def _paths(built_lib, Ts, **env):
 
 
 def _wheel_cublaslt_libdir():
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for p in nvidia.__path__:
-        d = Path(p) / "cu13" / "lib"
-        if (d / "libcublasLt.so.13").is_file():
-            return str(d)
-    return None
+    lib = _wheel_cu13_file("lib", "libcublasLt.so.13")
+    return str(lib.parent) if lib else None
 
 
 def test_expert_ffn_path_without_gpu(built_lib):
@@ -178,3 +176,20 @@ def test_expert_ffn_path_without_gpu(built_lib):
     assert paths[0] == [-1] + [2] * (len(Ts) - 1)            # float32 never takes the cuBLASLt path
     lt, paths = _paths(built_lib, Ts, LD_LIBRARY_PATH=ld, ACTVAR_DISABLE_CUBLASLT="1")
     assert lt == 0 and all(p == [-1] + [2] * (len(Ts) - 1) for d, p in paths.items() if d != 3)
+
+
+def test_workspace_size_port_equals_the_library(built_lib):
+    """The TensorRT plugin's Python port of the workspace layout (used to size engines built where the library
+    cannot load, e.g. this CPU machine) must equal actvarExpertFfnWorkspaceSize of the library CI just built."""
+    from actvar_export.trt.plugins import expert_ffn_workspace_size as ws
+    lib = ctypes.CDLL(str(built_lib))
+    f = lib.actvarExpertFfnWorkspaceSize
+    f.restype = ctypes.c_size_t
+    f.argtypes = [ctypes.c_int] * 6
+    for T in (0, 1, 7, 256, 257, 1000, 4096, 30000):
+        for C in (64, 128, 1024, 1920):
+            for N in (1, 4, 16, 64):
+                for k in sorted({1, max(1, N // 2), N}):
+                    for dt in (0, 1, 2, 3):
+                        args = (T, C, 4 * C, N, k, dt)
+                        assert ws(*args) == int(f(*args)), args

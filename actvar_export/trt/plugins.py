@@ -49,6 +49,7 @@ _lock = threading.Lock()
 # is Python's //). Pure function of the arguments, no device query, identical on every GPU.
 # ---------------------------------------------------------------------------------------------------
 _CHUNK = 256                 # kChunk in expert_routing.cu
+_LT_WORKSPACE = 8 << 20      # kLtWorkspaceBytes in dense_lt.h (cuBLASLt's share, fp16/bf16 only)
 _ELEM_SIZE = {0: 4, 1: 2, 2: 2}
 
 
@@ -78,6 +79,7 @@ def expert_ffn_workspace_size(T: int, C: int, hidden: int, N: int, top_k: int, d
              T * hidden * es]                        # hidden activations H
     split = _fc2_split_k(T, C, hidden) if es == 2 else 1
     parts.append(split * T * C * 4 if split > 1 else 0)   # split-K fp32 partials
+    parts.append(_LT_WORKSPACE if es == 2 else 0)         # cuBLASLt's workspace
     return sum(_align_up(p, 256) for p in parts)
 
 
