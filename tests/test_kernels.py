@@ -282,10 +282,11 @@ ROUTED = {"ACTVAR_DENSE_MAX_T": "0", "ACTVAR_MASKED_DENSE_MAX_T": "0"}
                                     {**ROUTED, "ACTVAR_DISABLE_CUBLASLT": "1"},
                                     {**ROUTED, "ACTVAR_FC1_CLUSTER": "1"},
                                     {**ROUTED, "ACTVAR_FC1_BAND": "3"},
-                                    {**ROUTED, "ACTVAR_FC1_BAND": "0"}],
+                                    {**ROUTED, "ACTVAR_FC1_BAND": "0"},
+                                    {**ROUTED, "ACTVAR_FC1_N224": "0"}],
                          ids=["routed", "dense_cublaslt", "masked_dense_own", "fc2_tma_256", "tma_pingpong",
                               "fc1_gather_tma_coop", "fc1_gather_cp_async", "routed_zero_pass", "routed_own_fc2",
-                              "fc1_single_cta", "fc1_bands_of_3", "fc1_unbanded"])
+                              "fc1_single_cta", "fc1_bands_of_3", "fc1_unbanded", "fc1_no_n224"])
 def test_expert_ffn_both_paths(dev, forced):
     """Every Hopper path must meet the reference on every expert shape: rerun the expert tests with the routed
     path forced for all T, the dense path forced for all T (cuBLASLt GEMMs; and the plugin's own
@@ -297,7 +298,8 @@ def test_expert_ffn_both_paths(dev, forced):
     with the automatic tile choice; with cuBLASLt, fc2 runs through it unless ACTVAR_FC2_CFG forces a tiling), and
     the gathered fc1 on single CTAs instead of the default clusters of two that share B, and the gathered fc1's
     tiles walked in bands of 3 m-units (every width; remainder bands) and unbanded (by default C = 1920 walks bands of
-    8, C = 1024 unbanded). The settings are read once per process, hence a child process."""
+    8, C = 1024 unbanded), and the gathered fc1's last n-tiles of <= 224 columns multiplied 256 wide (by default
+    m64n224). The settings are read once per process, hence a child process."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "OUT"}

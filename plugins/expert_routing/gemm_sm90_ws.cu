@@ -139,7 +139,7 @@ __device__ __forceinline__ void cpAsyncArriveNoinc(uint32_t bar) {
 template <typename T, int BN, int kStages, bool GELU, bool COOP, bool GATHER, int CL>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemmTmaWsKernel(GemmArgs<T> p, const __grid_constant__ CUtensorMap mapA, const __grid_constant__ CUtensorMap mapB,
-                    int groups, int mTiles, int nTiles, int band) {
+                    int groups, int mTiles, int nTiles, int band, bool narrowLast) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
     static_assert(kStages >= 2, "need at least 2 stages");
@@ -335,25 +335,40 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         for (int u = 0; u < NSUB; ++u)
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) acc[u][i] = 0.f;
+        // a last n-tile of at most 224 columns (C = 1920: expert slices of 480 = 256 + 224) multiplies only those
+        // (m64n224: 6.7 % fewer MACs at d30; plugins/NOTES.md v36); columns 224-255 keep their zeros and lie
+        // beyond the group's N, so the epilogue does not store them
+        const bool narrow = BN == 256 && GATHER && COOP && narrowLast && p.N - n0 <= 224;
         WS_TRACE(const long long t0 = clock64();)
-        for (int kt = 0; kt < KT; ++kt) {
-            const int pos = pos0 + kt, s = pos % kStages;
-            WS_TRACE(const long long tw = clock64();)
-            mbarWait(bars + 8 * s, (pos / kStages) & 1);
-            WS_TRACE(if (tr) cFull += clock64() - tw;)
-            if (GATHER) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async -> wgmma
-            if (!COOP && kt == KT - 1 && lane == 0) mbarArrive(otherTurn);
-            const uint32_t st = sbase + (uint32_t)s * STAGE;
-            const uint64_t db = smemDesc(st + A_BYTES);
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        // the main loop, with the wgmma width a compile-time constant (a branch between the wgmmas of one
+        // k-step would make ptxas serialise them: warning C7519)
+        const auto mainLoop = [&](auto bnw) {
+            constexpr int BW = decltype(bnw)::value;
+            for (int kt = 0; kt < KT; ++kt) {
+                const int pos = pos0 + kt, s = pos % kStages;
+                WS_TRACE(const long long tw = clock64();)
+                mbarWait(bars + 8 * s, (pos / kStages) & 1);
+                WS_TRACE(if (tr) cFull += clock64() - tw;)
+                if (GATHER) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async -> wgmma
+                if (!COOP && kt == KT - 1 && lane == 0) mbarArrive(otherTurn);
+                const uint32_t st = sbase + (uint32_t)s * STAGE;
+                const uint64_t db = smemDesc(st + A_BYTES);
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int k = 0; k < kBK / 16; ++k)
+                for (int k = 0; k < kBK / 16; ++k)
 #pragma unroll
-                for (int u = 0; u < NSUB; ++u)
-                    wgmmaStep<T, BN>(acc[u], smemDesc(st + (rowBase + 64 * u) * 128) + 2 * k, db + 2 * k);
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            if (kt > 0 && lane == 0) release(bars + 8 * (kStages + (pos - 1) % kStages));
+                    for (int u = 0; u < NSUB; ++u)
+                        wgmmaStep<T, BW>(acc[u], smemDesc(st + (rowBase + 64 * u) * 128) + 2 * k, db + 2 * k);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                if (kt > 0 && lane == 0) release(bars + 8 * (kStages + (pos - 1) % kStages));
+            }
+        };
+        if constexpr (BN == 256 && GATHER && COOP) {
+            if (narrow) mainLoop(std::integral_constant<int, 224>{});
+            else mainLoop(std::integral_constant<int, BN>{});
+        } else {
+            mainLoop(std::integral_constant<int, BN>{});
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         if (lane == 0) release(bars + 8 * (kStages + (pos0 + KT - 1) % kStages));
@@ -421,6 +436,11 @@ bool makeMap(CUtensorMap* map, const T* base, int64_t rows, int64_t cols, int64_
               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// the gathered cooperative fc1's last n-tiles of <= 224 columns use m64n224 (ACTVAR_FC1_N224=0: m64n256 throughout)
+bool narrowLastTiles() {
+    static const bool v = envInt("ACTVAR_FC1_N224", 1) != 0;
+    return v;
+}
 template <typename T, int BN, int S, bool GELU, bool COOP, bool GATHER = false, int CL = 1>
 cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, cudaStream_t stream) {
     CUtensorMap mapA, mapB;
@@ -445,7 +465,7 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
     const int64_t units = (int64_t)(mTiles + CL - 1) / CL * groups * nTiles;
     if constexpr (CL == 1) {
         const int grid = (int)std::min<int64_t>(units, numSms);
-        kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles, band);
+        kern<<<grid, kWsThreads, smem, stream>>>(p, mapA, mapB, groups, mTiles, nTiles, band, narrowLastTiles());
         return cudaGetLastError();
     } else {
         cudaLaunchConfig_t cfg = {};
@@ -471,7 +491,7 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
         }
         if (clusters == 0) return cudaErrorNotSupported;   // the caller launches single CTAs
         cfg.gridDim = dim3((unsigned)(CL * std::min<int64_t>(units, clusters)));
-        return cudaLaunchKernelEx(&cfg, kern, p, mapA, mapB, groups, mTiles, nTiles, band);
+        return cudaLaunchKernelEx(&cfg, kern, p, mapA, mapB, groups, mTiles, nTiles, band, narrowLastTiles());
     }
 }
 

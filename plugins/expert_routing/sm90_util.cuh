@@ -49,11 +49,13 @@ template <typename T, int BN>
 __device__ __forceinline__ void wgmmaStep(float* acc, uint64_t da, uint64_t db) {
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
         if constexpr (BN == 256) wgmmaM64N256K16Bf16(acc, da, db);
+        else if constexpr (BN == 224) wgmmaM64N224K16Bf16(acc, da, db);
         else if constexpr (BN == 192) wgmmaM64N192K16Bf16(acc, da, db);
         else if constexpr (BN == 128) wgmmaM64N128K16Bf16(acc, da, db);
         else wgmmaM64N64K16Bf16(acc, da, db);
     } else {
         if constexpr (BN == 256) wgmmaM64N256K16F16(acc, da, db);
+        else if constexpr (BN == 224) wgmmaM64N224K16F16(acc, da, db);
         else if constexpr (BN == 192) wgmmaM64N192K16F16(acc, da, db);
         else if constexpr (BN == 128) wgmmaM64N128K16F16(acc, da, db);
         else wgmmaM64N64K16F16(acc, da, db);
