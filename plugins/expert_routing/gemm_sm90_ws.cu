@@ -23,8 +23,8 @@
 //     alternate 128 x BN tiles, so one's epilogue overlaps the other's MMAs.
 // Units L of CL m-tiles each (CTA rank r of a cluster takes m-tile CL * mUnit + r): L = (mUnit * groups + group) *
 // nTiles + nTile, or for grouped GEMMs with large weights in bands of m-units (see unitAt), cluster c taking
-// L = c, c + clusters, ...; units whose first m-tile lies beyond a group's row
-// count are skipped by all roles alike (an empty second m-tile still takes part: zero rows, no stores), so the
+// L = c, c + clusters, ...; the m-tiles per group follow the largest group's row count (read on the device);
+// units whose first m-tile lies beyond a group's row count are skipped by all roles alike (an empty second m-tile still takes part: zero rows, no stores), so the
 // ring position of step k of the CTA's j-th non-empty unit is j * KT + k for everybody. Ping-pong ordering ("turn"
 // barriers): an mbarrier parity wait is only meaningful one phase ahead, so the consumer of tile j + 1 starts
 // waiting on stages only after the consumer of tile j has acquired its last stage (see plugins/NOTES.md, v8).
@@ -139,7 +139,7 @@ __device__ __forceinline__ void cpAsyncArriveNoinc(uint32_t bar) {
 template <typename T, int BN, int kStages, bool GELU, bool COOP, bool GATHER, int CL>
 __global__ void __launch_bounds__(kWsThreads, 1)
     gemmTmaWsKernel(GemmArgs<T> p, const __grid_constant__ CUtensorMap mapA, const __grid_constant__ CUtensorMap mapB,
-                    int groups, int mTiles, int nTiles, int band, bool narrowLast) {
+                    int groups, int mTilesBound, int nTiles, int band, bool narrowLast) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int A_BYTES = kBM * kBK * 2, B_BYTES = BN * kBK * 2, STAGE = A_BYTES + B_BYTES;
     static_assert(kStages >= 2, "need at least 2 stages");
@@ -169,6 +169,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     if constexpr (CL > 1) clusterSync();   // the peer's barriers are initialised before anyone arrives on them
     else __syncthreads();
     const int KT = p.K / kBK;
+    // m-tiles per group from the largest group's row count (on the device, in sCount), not the host's bound (the
+    // routed fc1 passes T: a quarter of the units would lie beyond every group's rows and unbalance the CTAs' walks;
+    // plugins/NOTES.md v37). Both CTAs of a cluster read the same counts, so they walk the same units.
+    int mTiles = mTilesBound;
+    if (p.counts) {
+        int mx = 0;
+        for (int g = 0; g < groups; ++g) mx = max(mx, sCount[g]);
+        mTiles = max(1, min(mTilesBound, (mx + kBM - 1) / kBM));
+    }
     // work units: CL consecutive m-tiles of one (group, n-tile), CTA rank r of a cluster taking m-tile CL * mu + r;
     // with CL = 2 the two CTAs share the B tile (each loads half of it and multicasts it to both)
     const int crank = CL > 1 ? (int)(blockIdx.x % CL) : 0, cid = blockIdx.x / CL, ncl = gridDim.x / CL;
