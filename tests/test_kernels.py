@@ -219,6 +219,18 @@ def test_expert_ffn_random_shapes(dev, K, dtype, seed):
     _check_ffn(K, *args, k, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expert_ffn_sparse_routing_with_an_unchosen_expert(dev, K, dtype):
+    """Top-1 of 16 at d30 width and 6144 tokens (routed path): each expert holds ~1/16 of the tokens, so the
+    gathered fc1 walks far fewer m-tiles than its host-side bound (T) allows, and one expert that no token chooses
+    has all its slices of H written by the zero fill alone. The workspace is NaN-poisoned: a missed zero or a
+    skipped tile shows up as a non-finite output row (fc2 reads every slice)."""
+    h, logits, w1, b1, w2, b2 = _ffn_inputs(6144, 1920, 16, dtype, dev, seed=77)
+    logits[:, 5] = -1e4          # expert 5: chosen by no token
+    _check_ffn(K, h, logits, w1, b1, w2, b2, 1, dtype)
+    assert not (K.route_experts(logits, 1) == 5).any()
+
+
 def test_expert_ffn_equals_loop_formulation(dev, K):
     """Cross-check against the independent per-expert loop of ops (fp32, all rows)."""
     h, logits, w1, b1, w2, b2 = _ffn_inputs(513, 256, 16, torch.float32, dev, seed=5)

@@ -18,7 +18,8 @@
 //     memory and load its output rows (the epilogue then never waits for global memory: plugins/NOTES.md, v20);
 //     wgmma on the stages, release each stage ("empty" mbarrier) once the wgmma group that read it has retired,
 //     then the epilogue (bias, GELU, mask), staged through an 8 KB shared buffer per consumer into 16-byte row
-//     chunks (sm90_util.cuh).
+//     chunks (sm90_util.cuh). In the cooperative gathered kernel a group's last n-tile of <= 224 columns runs
+//     its main loop with m64n224 (narrowLast; plugins/NOTES.md, v36).
 //     COOP: both consumers work on every 128 x BN tile (rows 64c..64c+63); else ping-pong: consumers take
 //     alternate 128 x BN tiles, so one's epilogue overlaps the other's MMAs.
 // Units L of CL m-tiles each (CTA rank r of a cluster takes m-tile CL * mUnit + r): L = (mUnit * groups + group) *
@@ -461,6 +462,8 @@ cudaError_t launchTmaWs(const GemmArgs<T>& p, int groups, int maxM, int numSms, 
     static_assert(smem + 64 <= 227 * 1024, "shared memory of the warp-specialised kernel");
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
+    // (mTiles from the host's bound maxM: the grid and the band clamp are sized for it; the kernel walks only the
+    // m-tiles of the largest group's row count, so with a loose bound some persistent CTAs may find no unit)
     const int mTiles = (maxM + kBM - 1) / kBM, nTiles = (p.N + BN - 1) / BN;
     // Grouped GEMMs (fc1 of the routed path) whose B operand (every group's weights) takes a third of the L2 or more
     // walk their units in bands of 8 m-units: with (group, n-tile) fastest the CTAs of one wave cycle through all of
