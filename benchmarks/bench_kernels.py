@@ -164,11 +164,6 @@ def bench_tokens(ceil, dtype=torch.bfloat16):
     return rows
 
 
-def expert_path(T: int) -> str:
-    """Which expert-FFN path the plugin takes at T tokens (bf16), as the library reports it (its own thresholds)."""
-    return kernels.expert_ffn_path(T, torch.bfloat16)
-
-
 def ffn_calls(C, T, R, dtype=torch.bfloat16):
     """R rotated input sets of the FFN at width C and T tokens (random bf16/fp16 data, N_EXPERTS router logits).
     Returns (dense, expert, inputs): lists of R zero-arg callables running the dense FFN (F.linear, GELU(tanh),
@@ -210,7 +205,7 @@ def bench_experts(ceil, dtype=torch.bfloat16, seqs=SEQS):
                 t_d, t_e, sp, sp_lo, sp_hi = paired_time(dense_fns, exp_fns)
                 fl_dense = 16.0 * T * C * C
                 fl_exp = fl_dense * TOP_K / N_EXPERTS
-                rows.append(dict(width=wname, C=C, scale=sname, S=S, T=T, dtype="bfloat16", path=expert_path(T),
+                rows.append(dict(width=wname, C=C, scale=sname, S=S, T=T, dtype="bfloat16", path=kernels.expert_ffn_path(T, dtype),
                                  dense_us=t_d * 1e6, expert_us=t_e * 1e6, speedup=sp, speedup_min=sp_lo,
                                  speedup_max=sp_hi,
                                  dense_TFLOPs=fl_dense / t_d / 1e12, expert_TFLOPs=fl_exp / t_e / 1e12,

@@ -25,10 +25,11 @@
 // Units L of CL m-tiles each (CTA rank r of a cluster takes m-tile CL * mUnit + r): L = (mUnit * groups + group) *
 // nTiles + nTile, or for grouped GEMMs with large weights in bands of m-units (see unitAt), cluster c taking
 // L = c, c + clusters, ...; the m-tiles per group follow the largest group's row count (read on the device);
-// units whose first m-tile lies beyond a group's row count are skipped by all roles alike (an empty second m-tile still takes part: zero rows, no stores), so the
-// ring position of step k of the CTA's j-th non-empty unit is j * KT + k for everybody. Ping-pong ordering ("turn"
-// barriers): an mbarrier parity wait is only meaningful one phase ahead, so the consumer of tile j + 1 starts
-// waiting on stages only after the consumer of tile j has acquired its last stage (see plugins/NOTES.md, v8).
+// units whose first m-tile lies beyond a group's row count are skipped by all roles alike (an empty second m-tile
+// still takes part: zero rows, no stores), so the ring position of step k of the CTA's j-th non-empty unit is
+// j * KT + k for everybody. Ping-pong ordering ("turn" barriers): an mbarrier parity wait is only meaningful one
+// phase ahead, so the consumer of tile j + 1 starts waiting on stages only after the consumer of tile j has
+// acquired its last stage (see plugins/NOTES.md, v8).
 #include "sm90_util.cuh"
 
 #include <cuda.h>
@@ -345,10 +346,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         for (int u = 0; u < NSUB; ++u)
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) acc[u][i] = 0.f;
-        // a last n-tile of at most 224 columns (C = 1920: expert slices of 480 = 256 + 224) multiplies only those
-        // (m64n224: 6.7 % fewer MACs at d30; plugins/NOTES.md v36); columns 224-255 keep their zeros and lie
-        // beyond the group's N, so the epilogue does not store them
-        const bool narrow = BN == 256 && GATHER && COOP && narrowLast && p.N - n0 <= 224;
         WS_TRACE(const long long t0 = clock64();)
         // the main loop, with the wgmma width a compile-time constant (a branch between the wgmmas of one
         // k-step would make ptxas serialise them: warning C7519)
@@ -375,7 +372,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             }
         };
         if constexpr (BN == 256 && GATHER && COOP) {
-            if (narrow) mainLoop(std::integral_constant<int, 224>{});
+            // a last n-tile of at most 224 columns (C = 1920: expert slices of 480 = 256 + 224) multiplies only
+            // those (m64n224: 6.7 % fewer MACs at d30; plugins/NOTES.md v36); columns 224-255 keep their zeros and
+            // lie beyond the group's N, so the epilogue does not store them
+            if (narrowLast && p.N - n0 <= 224) mainLoop(std::integral_constant<int, 224>{});
             else mainLoop(std::integral_constant<int, BN>{});
         } else {
             mainLoop(std::integral_constant<int, BN>{});
