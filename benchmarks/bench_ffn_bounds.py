@@ -15,7 +15,6 @@ even with cuBLAS's GEMMs. Prints a table and writes JSON (--json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import N_EXPERTS, SCALES, TOP_K, WIDTHS, graph_time, rotations  # noqa: E402
+
+from actvar_export.fsutil import write_json_atomic  # noqa: E402
 
 
 def bounds(C, T, dtype=torch.bfloat16):
@@ -97,8 +98,7 @@ def main(argv=None):
               f"{r['ours_bound_us']:8.1f} {r['exact_bound_us']:8.1f} | {r['dense_fused_speedup']:.2f} / "
               f"{r['ours_bound_speedup']:.2f} / {r['exact_bound_speedup']:.2f}")
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_atomic(args.json, res)
     print(f"JSON: {args.json}")
     return 0
 

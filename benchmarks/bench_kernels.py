@@ -18,7 +18,6 @@ Prints a table and writes JSON (default $OUT/bench_kernels.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from actvar_export import kernels, ops  # noqa: E402
+from actvar_export.fsutil import write_json_atomic  # noqa: E402
 
 WIDTHS = {"d16": 1024, "d30": 1920}
 SEQS = [2, 32, 128]
@@ -300,9 +300,7 @@ def main():
     if args.profile:
         res["expert_profile"] = profile_experts(args.profile_shapes) if args.profile_shapes else profile_experts()
     res["wall_s"] = time.time() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_atomic(args.json, res)
 
     print(f"\ndevice {props.name}  copy {ceil['copy_GBps']:.0f} GB/s (read+write; memcpy "
           f"{ceil['memcpy_GBps']:.0f}, elementwise {ceil['elementwise_copy_GBps']:.0f})  "

@@ -6,7 +6,6 @@ reference running on the same GPU, and measure images/second. Prints a table and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ def main():
     a = ap.parse_args()
 
     from actvar_export.bundle import Bundle, build_bundle
+    from actvar_export.fsutil import write_json_atomic
     from actvar_export.checkpoint import build_models, load_checkpoint, save_atomic
     from actvar_export.config import TOTAL_TOKENS
     from actvar_export.generate import SampleSettings, generate
@@ -97,7 +97,7 @@ def main():
            "torch_reference_seconds_per_batch": rt, "torch_reference_images_per_s": ref_ips,
            "validation": rep.to_dict()}
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        write_json_atomic(a.json, res)
         print("JSON:", a.json)
     print(f"\n{'what':<44} {'value':>12}")
     print(f"{'device':<44} {res['device']:>12}")

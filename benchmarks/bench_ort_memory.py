@@ -52,7 +52,8 @@ def main():
         out = subprocess.run([sys.executable, "-c", CHILD, a.bundle, mode], capture_output=True, text=True, check=True)
         res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     if a.json:
-        open(a.json, "w").write(json.dumps(res, indent=1))
+        from actvar_export.fsutil import write_json_atomic
+        write_json_atomic(a.json, res)
     w = res["weights_bytes"]
     print(f"{'sessions (10 steps + decoder)':<32} {'RSS growth MB':>14} {'x weights.bin':>14}")
     for mode in ("shared", "per-session"):

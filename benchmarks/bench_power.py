@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import N_EXPERTS, capture, ffn_calls  # noqa: E402
+
+from actvar_export.fsutil import write_json_atomic  # noqa: E402
 
 NVML_CLOCK_SM = 1
 SW_POWER_CAP = 0x4   # nvmlClocksEventReasonSwPowerCap
@@ -125,9 +126,7 @@ def main():
                              power_capped_share=capped, mJ_per_call=watts * us * 1e-3))
             torch.cuda.empty_cache()
     res = {"device": torch.cuda.get_device_name(), "seconds": args.seconds, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_atomic(args.json, res)
     print(f"\n{res['device']}: sustained loads of {args.seconds:.0f} s (first second dropped), bf16, N=16, K_w=12")
     print(f"{'C':>5} {'T':>6} {'workload':20} {'us/call':>9} {'W':>6} {'SM MHz':>7} {'at cap':>6} {'mJ/call':>8}")
     for r in rows:
