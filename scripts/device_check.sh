@@ -115,7 +115,10 @@ section_trtplugins() {
         -DTensorRT_INCLUDE_DIR="$inc" -DACTVAR_TRT_BUILD_TESTS=ON > "$OUT/trt_build.log" 2>&1 &&
         cmake --build "$BUILD" -j "$(nproc)" --target actvar_trt_plugin_test >> "$OUT/trt_build.log" 2>&1 ||
         { tail -20 "$OUT/trt_build.log"; return 1; }
-    "$BUILD/trt/actvar_trt_plugin_test" | tail -3 || return 1
+    "$BUILD/trt/actvar_trt_plugin_test" > "$OUT/trt_plugin_test.log" 2>&1
+    local checks=$?
+    tail -3 "$OUT/trt_plugin_test.log"
+    [ $checks -eq 0 ] || return 1
     ACTVAR_REQUIRE_PLUGINS=1 ACTVAR_TRT_PLUGIN_TEST="$BUILD/trt/actvar_trt_plugin_test" \
         python3 -m pytest tests/test_trt_plugins_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_trt_plugins.log" | tail -15
     local rc=${PIPESTATUS[0]}
