@@ -122,6 +122,7 @@ section_trtplugins() {
     ACTVAR_REQUIRE_PLUGINS=1 ACTVAR_TRT_PLUGIN_TEST="$BUILD/trt/actvar_trt_plugin_test" \
         python3 -m pytest tests/test_trt_plugins_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_trt_plugins.log" | tail -15
     local rc=${PIPESTATUS[0]}
+    grep -q " passed" "$OUT/pytest_trt_plugins.log" || { echo "!! no enqueue test ran (no GPU?)"; rc=1; }
     [ -f "$OUT/trt_plugin_errors.json" ] && echo "expert FFN relative errors (vs float64): $(tr -d ' \n' < "$OUT/trt_plugin_errors.json")"
     return $rc
 }
