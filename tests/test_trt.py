@@ -340,6 +340,22 @@ def test_plugin_rejections_name_the_graph(trt, plugin_lib, tmp_path, graph, need
         build_engines(fake_bundle(tmp_path / "b", {"bad": graph}), progress=False)
 
 
+def test_check_report_rejects_plugin_layers_of_another_library(tmp_path):
+    """The check behind "every plugin node is a PLUGIN_V3 layer of this library": a layer whose plugin does not
+    report libactvar_trt_plugins.so's metadata, or a node without its layer, fails the graph."""
+    from actvar_export.trt.engines import _check_report
+    b = Bundle.open(fake_bundle(tmp_path / "b", {"g": scatter_graph()}, "fp32"), verify=False)
+    gi = b.manifest["graphs"]["g"]
+    io = {k: {"dtype": "FLOAT" if t == "float32" else "INT32", "shape": s} for k, (t, s) in {**gi["inputs"], **gi["outputs"]}.items()}
+    rep = {"strongly_typed": True, "inputs": {k: io[k] for k in gi["inputs"]}, "outputs": {k: io[k] for k in gi["outputs"]}}
+    layer = {"layer": "l0", "plugin": "ActVarTokenScatter", "version": "1", "namespace": "", "ours": True}
+    assert _check_report("g", dict(rep, plugin_layers=[layer]), gi, b.manifest, b.graph_path("g")) == {"ActVarTokenScatter": 1}
+    with pytest.raises(ActVarError, match="not a plugin of libactvar_trt_plugins.so"):
+        _check_report("g", dict(rep, plugin_layers=[dict(layer, ours=False)]), gi, b.manifest, b.graph_path("g"))
+    with pytest.raises(ActVarError, match="1 ActVarTokenScatter node.*but 0 plugin layer"):
+        _check_report("g", dict(rep, plugin_layers=[]), gi, b.manifest, b.graph_path("g"))
+
+
 def test_parser_errors_are_collected(trt, tmp_path):
     from onnx import helper
     from actvar_export.trt.engines import build_engines
