@@ -160,6 +160,26 @@ def test_self_registering_variant(trt, plugin_build):
     assert r.returncode == 0 and r.stdout.split() == ["[True,", "True]", "[True,", "True]"], r.stdout + r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("variant", ["trt_registered", "trt"])
+def test_dlopen_only_consumer_polygraphy(trt, plugin_build, tmp_path, variant):
+    """Polygraphy's --plugins only dlopen()s a library (as Triton's TensorRT backend does): with the self-registering
+    variant it builds an engine of an ActVarExpertFFN graph; with the loadLibrary-style library the parser finds no
+    plugin, which is why README points such consumers to the variant."""
+    import shutil
+    from actvar_export.trt.engines import _child_env
+    lib = plugin_build[variant]
+    if lib is None or trt.__name__ != "tensorrt_rtx" or shutil.which("polygraphy") is None:
+        pytest.skip("needs polygraphy, TensorRT-RTX and the self-registering variant (built against TensorRT-RTX)")
+    b = fake_bundle(tmp_path / "b", {"g": expert_graph("float16")})
+    env = dict(_child_env("tensorrt_rtx", tmp_path / "lib"), POLYGRAPHY_USE_TENSORRT_RTX="1")
+    r = subprocess.run(["polygraphy", "convert", str(b / "g.onnx"), "--plugins", str(lib), "--strongly-typed",
+                        "-o", str(tmp_path / "g.engine")], capture_output=True, text=True, env=env, timeout=600)
+    if variant == "trt_registered":
+        assert r.returncode == 0 and (tmp_path / "g.engine").stat().st_size > 0, r.stdout[-2000:] + r.stderr[-2000:]
+    else:
+        assert r.returncode != 0 and "Plugin not found" in r.stdout + r.stderr
+
+
 def test_missing_library_is_one_error_before_any_work(bundles, tmp_path, monkeypatch):
     from actvar_export.trt.engines import build_engines
     path = bundles["plugin"]
