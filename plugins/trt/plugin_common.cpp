@@ -6,7 +6,6 @@
 
 #include <atomic>
 #include <cstdio>
-#include <mutex>
 
 namespace actvar_trt
 {
