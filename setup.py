@@ -20,7 +20,8 @@ setup(
         # tests pin the ONNX Runtime of the GPU machine (1.30), whose IR limit (10) the bundles must meet;
         # TensorRT-RTX: its builder works without a GPU, so CI parses bundles and serializes engines (tests/test_trt.py)
         # nvidia-cublas: only its cublasLt.h, so that CI compiles the plugins' cuBLASLt path (opened at run time)
-        "test": ["pytest>=8", "onnxruntime==1.30.0", "tensorrt-rtx-cu13", "nvidia-cublas>=13,<14"],
+        # polygraphy: a consumer that only dlopen()s plugin libraries (tests/test_trt.py, the self-registering variant)
+        "test": ["pytest>=8", "onnxruntime==1.30.0", "tensorrt-rtx-cu13", "nvidia-cublas>=13,<14", "polygraphy"],
         "trt": ["tensorrt-rtx-cu13", "polygraphy"],
     },
     entry_points={"console_scripts": ["actvar-export=actvar_export.cli:main"]},

@@ -356,7 +356,8 @@ def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_j
 @click.option("--graphs", default=None, help="Comma-separated graph names (default: all), e.g. 'step_0,step_9,decoder'.")
 def engines(bundle, graphs):
     """Parse each graph of a bundle with TensorRT (`tensorrt` if installed, else TensorRT-RTX), check
-    that every ActVarTokenScatter / ActVarExpertFFN node became one of this package's plugin layers and
+    that every ActVarTokenScatter / ActVarExpertFFN node became a plugin layer of libactvar_trt_plugins.so
+    (plugin bundles; ACTVAR_TRT_PLUGIN_LIB or build/plugins/trt/) and
     that inputs/outputs have the manifest's dtypes, build strongly typed serialized engines and write
     <graph>.engine files + engines.json into the bundle (manifest.json is not modified). The engines
     are built only: nothing here runs them."""

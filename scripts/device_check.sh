@@ -4,7 +4,8 @@
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
 # Sections: build, tests, bench (kernels = build tests bench), probe (the expert GEMMs alone,
-# benchmarks/gemm_probe.cu; not in the default list). Other sections (e.g. ort) can be added as functions named
+# benchmarks/gemm_probe.cu; not in the default list), trtplugins (the TensorRT plugin library's test program:
+# enqueue on the GPU compared with the reference ops). Other sections (e.g. ort) can be added as functions named
 # section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
 set -uo pipefail
@@ -100,8 +101,34 @@ section_ort() {
     return ${PIPESTATUS[0]}
 }
 
+section_trtplugins() {
+    # libactvar_trt_plugins.so + its test program for sm_90 (no TensorRT needed on the device: only its headers,
+    # ACTVAR_TRT_INCLUDE, else ../shared/sdk/tensorrt-11.1/include, else .sdk/trt-include carried into the checkout),
+    # then the program's CPU checks, and its enqueue on the GPU compared with the reference ops by pytest.
+    local inc=${ACTVAR_TRT_INCLUDE:-}
+    for c in "$ROOT/../shared/sdk/tensorrt-11.1/include" "$ROOT/.sdk/trt-include"; do
+        [ -z "$inc" ] && [ -f "$c/NvInferRuntime.h" ] && inc=$c
+    done
+    [ -n "$inc" ] || { echo "no TensorRT headers: set ACTVAR_TRT_INCLUDE or carry them as .sdk/trt-include"; return 1; }
+    echo "== trtplugins: cmake plugins (TensorRT headers $inc) -> $BUILD (CUDA archs $ARCHS)"
+    cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+        -DTensorRT_INCLUDE_DIR="$inc" -DACTVAR_TRT_BUILD_TESTS=ON > "$OUT/trt_build.log" 2>&1 &&
+        cmake --build "$BUILD" -j "$(nproc)" --target actvar_trt_plugin_test >> "$OUT/trt_build.log" 2>&1 ||
+        { tail -20 "$OUT/trt_build.log"; return 1; }
+    "$BUILD/trt/actvar_trt_plugin_test" > "$OUT/trt_plugin_test.log" 2>&1
+    local checks=$?
+    tail -3 "$OUT/trt_plugin_test.log"
+    [ $checks -eq 0 ] || return 1
+    ACTVAR_REQUIRE_PLUGINS=1 ACTVAR_TRT_PLUGIN_TEST="$BUILD/trt/actvar_trt_plugin_test" \
+        python3 -m pytest tests/test_trt_plugins_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_trt_plugins.log" | tail -15
+    local rc=${PIPESTATUS[0]}
+    grep -q " passed" "$OUT/pytest_trt_plugins.log" || { echo "!! no enqueue test ran (no GPU?)"; rc=1; }
+    [ -f "$OUT/trt_plugin_errors.json" ] && echo "expert FFN relative errors (vs float64): $(tr -d ' \n' < "$OUT/trt_plugin_errors.json")"
+    return $rc
+}
+
 ALL=(kernels)
-for s in ort; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort trtplugins; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 

@@ -1,8 +1,10 @@
-"""CPU-only check that the CUDA plugin library compiles (what CI runs without a GPU).
+"""CPU-only check that the CUDA plugin libraries compile (what CI runs without a GPU).
 
-Runs a CMake configure + build of plugins/ into a temporary directory for the default architectures
+Uses the session's one CMake build of plugins/ (tests/conftest.py `plugin_build`) for the default architectures
 (sm_80, sm_86, sm_89, sm_90 SASS + compute_90 PTX) when nvcc and cmake are on PATH; skips otherwise.
 Set ACTVAR_PLUGIN_ARCHS to override the architecture list (CMake syntax, e.g. "90").
+The TensorRT plugin library (plugins/trt) is built against the shared TensorRT 11.1 headers; its C++ test program's
+creator, shape and serialization checks run here.
 """
 from __future__ import annotations
 
@@ -22,22 +24,15 @@ EXPORTS = ["actvarTopkAscending", "actvarTokenSelect", "actvarTokenGather", "act
 
 
 @pytest.fixture(scope="module")
-def built_lib(tmp_path_factory):
-    for tool in ("nvcc", "cmake"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not on PATH: cannot build the CUDA plugins here")
-    build = tmp_path_factory.mktemp("plugins_build")
-    cfg = ["cmake", "-S", str(ROOT / "plugins"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-           f"-DPython3_EXECUTABLE={sys.executable}"]   # (finds the nvidia-cublas wheel's cublasLt.h)
-    archs = os.environ.get("ACTVAR_PLUGIN_ARCHS")
-    if archs:
-        cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
-    for cmd in (cfg, ["cmake", "--build", str(build), "-j", str(max(2, os.cpu_count() or 2))]):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    lib = build / "libactvar_plugins.so"
-    assert lib.is_file()
-    return lib
+def built_lib(plugin_build):
+    return plugin_build["c_api"]
+
+
+@pytest.fixture(scope="module")
+def trt_lib(plugin_build):
+    if plugin_build["trt"] is None:
+        pytest.skip("no TensorRT headers (ACTVAR_TRT_INCLUDE or the shared SDK copy): TensorRT plugins not built")
+    return plugin_build
 
 
 def test_library_builds_and_exports_c_api(built_lib):
@@ -178,18 +173,52 @@ def test_expert_ffn_path_without_gpu(built_lib):
     assert lt == 0 and all(p == [-1] + [2] * (len(Ts) - 1) for d, p in paths.items() if d != 3)
 
 
-def test_workspace_size_port_equals_the_library(built_lib):
-    """The TensorRT plugin's Python port of the workspace layout (used to size engines built where the library
-    cannot load, e.g. this CPU machine) must equal actvarExpertFfnWorkspaceSize of the library CI just built."""
-    from actvar_export.trt.plugins import expert_ffn_workspace_size as ws
-    lib = ctypes.CDLL(str(built_lib))
-    f = lib.actvarExpertFfnWorkspaceSize
-    f.restype = ctypes.c_size_t
-    f.argtypes = [ctypes.c_int] * 6
-    for T in (0, 1, 7, 256, 257, 1000, 4096, 30000):
-        for C in (64, 128, 1024, 1920):
-            for N in (1, 4, 16, 64):
-                for k in sorted({1, max(1, N // 2), N}):
-                    for dt in (0, 1, 2, 3):
-                        args = (T, C, 4 * C, N, k, dt)
-                        assert ws(*args) == int(f(*args)), args
+# ---------------------------------------------------------------------------------------------------
+# the TensorRT plugin library (plugins/trt)
+# ---------------------------------------------------------------------------------------------------
+def _dynamic_symbols(lib):
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def _needed(lib):
+    out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+    return [line.split("[")[1].split("]")[0] for line in out.splitlines() if "(NEEDED)" in line]
+
+
+def test_trt_library_entry_points_and_no_tensorrt_link(trt_lib):
+    if shutil.which("nm") is None or shutil.which("readelf") is None:
+        pytest.skip("binutils (nm, readelf) not on PATH")
+    lib = trt_lib["trt"]
+    syms = _dynamic_symbols(lib)
+    assert {"getCreators", "setLoggerFinder"} <= syms          # what IPluginRegistry::loadLibrary looks up
+    assert not [s for s in syms if s.startswith("_ZN10actvar_trt")], "C++ internals exported"
+    needed = _needed(lib)
+    assert needed and not [n for n in needed if "nvinfer" in n or "tensorrt" in n or "cudart" in n], needed
+    if trt_lib["trt_registered"] is not None:                   # the self-registering variant links TensorRT(-RTX)
+        assert any("tensorrt_rtx" in n or "nvinfer" in n for n in _needed(trt_lib["trt_registered"]))
+
+
+def test_trt_library_default_architectures(trt_lib):
+    if os.environ.get("ACTVAR_PLUGIN_ARCHS"):
+        pytest.skip("custom architecture list")
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not on PATH")
+    out = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(trt_lib["trt"])], capture_output=True,
+                         text=True).stdout
+    for sm in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"):
+        assert sm in out, f"no {sm} code in the TensorRT plugin library"
+    assert ".ptx" in out, "no PTX embedded"
+
+
+def test_trt_plugin_test_program_cpu_checks(trt_lib):
+    """The C++ test program: creators, output shapes and types on the contract's shapes (d16/d30 widths, 2 and 128
+    sequences, 13x13 and 16x16 scales), format combinations, workspace, serialization round trip, rejections."""
+    exe = trt_lib["trt_test"]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    n, failed = r.stdout.strip().splitlines()[-1].split(" checks, ")
+    assert int(n) > 500 and failed == "0 failed"
+    usage = subprocess.run([str(exe), "--bogus"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage" in usage.stderr

@@ -1,10 +1,13 @@
 """TensorRT on the CPU machine: parsing, plugin resolution and engine serialization of bundles.
 
 Uses `tensorrt` if installed, else TensorRT-RTX (`pip install tensorrt-rtx-cu13`), whose builder needs no
-GPU. Nothing here runs an engine (no GPU here; TensorRT-RTX engines refuse the lent Hopper GPUs).
+GPU. The `plugin` lowering's nodes become plugins of libactvar_trt_plugins.so (plugins/trt), built once per
+session by tests/conftest.py `plugin_build`. Nothing here runs an engine (no GPU here; TensorRT-RTX engines
+refuse the lent Hopper GPUs).
 """
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -29,10 +32,32 @@ def trt():
 
 
 @pytest.fixture(scope="module")
+def plugin_lib(plugin_build):
+    """The session's libactvar_trt_plugins.so, made the one `engines` uses (ACTVAR_TRT_PLUGIN_LIB) for this module."""
+    if plugin_build["trt"] is None:
+        pytest.skip("TensorRT plugin library not built (no TensorRT headers)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACTVAR_TRT_PLUGIN_LIB", str(plugin_build["trt"]))
+        yield plugin_build["trt"]
+
+
+@pytest.fixture(scope="module")
 def bundles(trt, actvar_ckpt, tmp_path_factory):
+    """fp16 bundles of both lowerings and a bf16 plugin bundle. The bf16 bundle's decoder is exported in fp32 (its
+    weights and its arithmetic): the exporter's bf16 decoder fails ONNX's checker (Conv has no bfloat16 type before
+    opset 22). The decoder has no plugin nodes, the step graphs use only vae.quantize.* weights (fp32 in every
+    precision), and the decoder's inputs/outputs are float32 in every precision."""
+    from actvar_export.export import decoder, weights
     root = tmp_path_factory.mktemp("trt_bundles")
-    return {low: build_bundle(actvar_ckpt, root / low, batch=1, precision=FP16, lowering=low, show_progress=False)
-            for low in ("portable", "plugin")}
+    out = {k: build_bundle(actvar_ckpt, root / k, batch=1, precision=FP16, lowering=low, show_progress=False)
+           for k, low in (("portable", "portable"), ("plugin", "plugin"))}
+    build = decoder.build_decoder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(weights, "_FP32_PARTS", weights._FP32_PARTS + ("vae.",))
+        mp.setattr(decoder, "build_decoder", lambda batch, store, precision: build(batch, store, "fp32"))
+        out["plugin_bf16"] = build_bundle(actvar_ckpt, root / "plugin_bf16", batch=1, precision="bf16",
+                                          lowering="plugin", show_progress=False)
+    return out
 
 
 def onnx_custom_counts(path):
@@ -54,7 +79,7 @@ def sha256(path):
 # module loading and plugin registration
 # ---------------------------------------------------------------------------------------------------
 def test_package_import_does_not_import_tensorrt():
-    code = ("import sys, actvar_export.trt, actvar_export.trt.api, actvar_export.trt.plugins, "
+    code = ("import sys, actvar_export.trt, actvar_export.trt.api, actvar_export.trt.plugin_library, "
             "actvar_export.trt.engines, actvar_export.cli; "
             "bad = [m for m in ('tensorrt', 'tensorrt_rtx') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -71,58 +96,110 @@ def test_load_trt(trt, monkeypatch):
         load_trt()
 
 
-def test_register_plugins_is_idempotent_and_resolvable(trt):
-    from actvar_export.trt.plugins import register_plugins
-    a = register_plugins(trt)
-    b = register_plugins(trt)
-    assert set(a) == set(CUSTOM) and all(a[k] is b[k] for k in a)
-    reg = trt.get_plugin_registry()
-    for name in CUSTOM:
-        c = reg.get_creator(name, "1", "")
-        assert c is a[name]
-        assert (c.name, c.plugin_version, c.plugin_namespace) == (name, "1", "")
+_REGISTRY_PROBE = r"""
+import ctypes, json, sys
+import numpy as np
+from actvar_export.trt.api import load_trt
+from actvar_export.trt.plugin_library import load_into_registry
+trt = load_trt()
+load_into_registry(trt, sys.argv[1])
+reg = trt.get_plugin_registry()
+i32 = trt.PluginFieldType.INT32
+out = {}
+for name in ("ActVarTokenScatter", "ActVarExpertFFN"):
+    c = reg.get_creator(name, "1", "")
+    out[name] = {"version": c.plugin_version, "namespace": c.plugin_namespace,
+                 "fields": [f.name for f in c.field_names]}
+def make(n, k):
+    fc = trt.PluginFieldCollection([trt.PluginField("num_experts", np.array([n], np.int32), i32),
+                                    trt.PluginField("top_k", np.array([k], np.int32), i32)])
+    p = reg.get_creator("ActVarExpertFFN", "1", "").create_plugin("e", fc, trt.TensorRTPhase.BUILD)
+    if p is None:
+        return None
+    core = p.get_capability_interface(trt.PluginCapabilityType.CORE)
+    return [core.plugin_name, core.plugin_version, core.plugin_namespace]
+out["good"] = make(16, 12)
+out["bad"] = make(4, 0)
+try:
+    load_into_registry(trt, sys.argv[1])
+    out["second"] = "loaded"
+except Exception as e:
+    out["second"] = str(e)
+print(json.dumps(out))
+"""
 
 
-def test_creators_fields_round_trip(trt):
-    from actvar_export.trt.plugins import plugin_classes, register_plugins
-    creators = register_plugins(trt)
-    scatter_cls, expert_cls = plugin_classes(trt)[:2]
-    i32 = trt.PluginFieldType.INT32
-    fc = trt.PluginFieldCollection([trt.PluginField("num_experts", np.array([16], np.int32), i32),
-                                    trt.PluginField("top_k", np.array([12], np.int32), i32)])
-    p = creators["ActVarExpertFFN"].create_plugin("e", fc, trt.TensorRTPhase.BUILD)
-    assert isinstance(p, expert_cls) and (p.num_experts, p.top_k, p.num_outputs) == (16, 12, 2)
-    assert (p.plugin_name, p.plugin_version, p.plugin_namespace) == ("ActVarExpertFFN", "1", "")
-    q = creators["ActVarExpertFFN"].create_plugin("e", p.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
-    assert (q.num_experts, q.top_k) == (16, 12)
-    c = q.clone()
-    assert isinstance(c, expert_cls) and (c.num_experts, c.top_k) == (16, 12)
-    s = creators["ActVarTokenScatter"].create_plugin("s", trt.PluginFieldCollection([]), trt.TensorRTPhase.BUILD)
-    assert isinstance(s, scatter_cls) and s.num_outputs == 1
-    bad = trt.PluginFieldCollection([trt.PluginField("num_experts", np.array([4], np.int32), i32),
-                                     trt.PluginField("top_k", np.array([5], np.int32), i32)])
-    with pytest.raises(ActVarError, match="top_k=5"):
-        creators["ActVarExpertFFN"].create_plugin("e", bad, trt.TensorRTPhase.BUILD)
-    with pytest.raises(ActVarError, match="num_experts"):
-        creators["ActVarExpertFFN"].create_plugin("e", trt.PluginFieldCollection([]), trt.TensorRTPhase.BUILD)
+def test_plugin_library_registers_its_creators(trt, plugin_lib):
+    """In a fresh process: TensorRT loads the library; both creators (version "1", namespace "") are registered with
+    their attributes; the expert creator makes a plugin from good fields and returns None (its message logged, no
+    crash) for top_k 0; loading again is refused (creators of these names are already there)."""
+    r = subprocess.run([sys.executable, "-c", _REGISTRY_PROBE, str(plugin_lib)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["ActVarTokenScatter"] == {"version": "1", "namespace": "", "fields": []}
+    assert out["ActVarExpertFFN"] == {"version": "1", "namespace": "", "fields": ["num_experts", "top_k"]}
+    assert out["good"] == ["ActVarExpertFFN", "1", ""] and out["bad"] is None
+    assert "ActVarExpertFFN 'e': top_k=0 outside [1, 4]" in r.stderr
+    assert "registered before" in out["second"]
 
 
-def test_workspace_size_port_matches_the_c_layout():
-    from actvar_export.trt.plugins import expert_ffn_workspace_size as ws
-    # (T, C, hidden, N, top_k, dtype) -> bytes of actvarExpertFfnWorkspaceSize (values from the C function)
-    pinned = {(384, 128, 512, 16, 12, 1): 8828416, (384, 128, 512, 16, 12, 0): 833024,
-              (64, 1024, 4096, 16, 12, 2): 11018240, (1, 1920, 7680, 64, 48, 1): 8466688, (0, 128, 512, 16, 12, 1): 0}
-    for args, want in pinned.items():
-        assert ws(*args) == want, args
+def test_self_registering_variant(trt, plugin_build):
+    """libactvar_trt_plugins_registered.so (linked to TensorRT-RTX's library) registers both creators when merely
+    dlopen()ed, as Triton's TensorRT backend and trtexec --staticPlugins load plugin libraries."""
+    lib = plugin_build["trt_registered"]
+    if lib is None or trt.__name__ != "tensorrt_rtx":
+        pytest.skip("the self-registering variant is built here against TensorRT-RTX's library only")
+    code = ("import ctypes, sys; from actvar_export.trt.api import load_trt; trt = load_trt(('tensorrt_rtx',)); "
+            "reg = trt.get_plugin_registry(); "
+            "before = [reg.get_creator(n, '1', '') is None for n in ('ActVarTokenScatter', 'ActVarExpertFFN')]; "
+            "ctypes.CDLL(sys.argv[1]); "
+            "after = [reg.get_creator(n, '1', '') is not None for n in ('ActVarTokenScatter', 'ActVarExpertFFN')]; "
+            "print(before, after)")
+    r = subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["[True,", "True]", "[True,", "True]"], r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variant", ["trt_registered", "trt"])
+def test_dlopen_only_consumer_polygraphy(trt, plugin_build, tmp_path, variant):
+    """Polygraphy's --plugins only dlopen()s a library (as Triton's TensorRT backend does): with the self-registering
+    variant it builds an engine of an ActVarExpertFFN graph; with the loadLibrary-style library the parser finds no
+    plugin, which is why README points such consumers to the variant."""
+    import shutil
+    from actvar_export.trt.engines import _child_env
+    lib = plugin_build[variant]
+    if lib is None or trt.__name__ != "tensorrt_rtx" or shutil.which("polygraphy") is None:
+        pytest.skip("needs polygraphy, TensorRT-RTX and the self-registering variant (built against TensorRT-RTX)")
+    b = fake_bundle(tmp_path / "b", {"g": expert_graph("float16")})
+    env = dict(_child_env("tensorrt_rtx", tmp_path / "lib"), POLYGRAPHY_USE_TENSORRT_RTX="1")
+    r = subprocess.run(["polygraphy", "convert", str(b / "g.onnx"), "--plugins", str(lib), "--strongly-typed",
+                        "-o", str(tmp_path / "g.engine")], capture_output=True, text=True, env=env, timeout=600)
+    if variant == "trt_registered":
+        assert r.returncode == 0 and (tmp_path / "g.engine").stat().st_size > 0, r.stdout[-2000:] + r.stderr[-2000:]
+    else:
+        assert r.returncode != 0 and "Plugin not found" in r.stdout + r.stderr
+
+
+def test_missing_library_is_one_error_before_any_work(bundles, tmp_path, monkeypatch):
+    from actvar_export.trt.engines import build_engines
+    path = bundles["plugin"]
+    before = sorted(p.name for p in path.iterdir())
+    monkeypatch.setenv("ACTVAR_TRT_PLUGIN_LIB", str(tmp_path / "nope" / "libactvar_trt_plugins.so"))
+    with pytest.raises(ActVarError, match=r"libactvar_trt_plugins.so is not built.*cmake -S plugins .*TensorRT_INCLUDE_DIR"):
+        build_engines(path, names=["step_9"], progress=False)
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert_one_line_error(run("engines", "--bundle", path, "--graphs", "step_9"), "libactvar_trt_plugins.so is not built")
+    build_engines(bundles["portable"], names=["step_0"], parse_only=True, progress=False)   # portable: no library
 
 
 # ---------------------------------------------------------------------------------------------------
 # real bundles: parse every graph, build representative engines
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("lowering", ["portable", "plugin"])
-def test_every_graph_parses_and_plugins_resolve(bundles, lowering):
+@pytest.mark.parametrize("kind", ["portable", "plugin", "plugin_bf16"])
+def test_every_graph_parses_and_plugins_resolve(bundles, plugin_lib, kind):
     from actvar_export.trt.engines import build_engines
-    b = Bundle.open(bundles[lowering])
+    lowering = kind.split("_")[0]
+    b = Bundle.open(bundles[kind])
     m = b.manifest
     res = build_engines(b.path, parse_only=True, progress=False)
     assert set(res["graphs"]) == set(m["graphs"])
@@ -143,13 +220,14 @@ def test_every_graph_parses_and_plugins_resolve(bundles, lowering):
             else:                                                # out in the graph precision, experts int32
                 si = int(name.split("_")[1])
                 T = 2 * m["batch"] * s_by_scale[si]["k_t"]
-                assert [o["dtype"] for o in layer["outputs"]] == ["HALF", "INT32"]
+                assert [o["dtype"] for o in layer["outputs"]] == [{"fp16": "HALF", "bf16": "BF16"}[m["precision"]], "INT32"]
                 assert layer["outputs"][0]["shape"] == [T, m["model"]["width"]]
                 assert layer["outputs"][1]["shape"] == [T, s_by_scale[si]["k_w"]]
         assert got == counts == g["plugin_layers"], name
         if name.startswith("step_"):
             outs = rep["outputs"]
-            assert outs["kv_out"]["dtype"] == "HALF" and outs["logits"]["dtype"] == "FLOAT"
+            assert outs["kv_out"]["dtype"] == {"fp16": "HALF", "bf16": "BF16"}[m["precision"]]
+            assert outs["logits"]["dtype"] == "FLOAT"
             assert outs["idx"]["dtype"] == "INT64" and outs["f_hat_out"]["dtype"] == "FLOAT"
             assert outs["kv_out"]["shape"] == m["graphs"][name]["outputs"]["kv_out"][1]
         else:
@@ -161,7 +239,7 @@ def test_every_graph_parses_and_plugins_resolve(bundles, lowering):
             assert res["graphs"][f"step_{si}"]["plugin_layers"] == {"ActVarTokenScatter": depth, "ActVarExpertFFN": depth}
 
 
-def test_build_plugin_engines(bundles):
+def test_build_plugin_engines(bundles, plugin_lib):
     from actvar_export.trt.engines import ENGINES_JSON, build_engines
     path = bundles["plugin"]
     mani = sha256(path / "manifest.json")
@@ -171,7 +249,12 @@ def test_build_plugin_engines(bundles):
     doc = json.loads((path / ENGINES_JSON).read_text())
     assert doc["runnable_here"] is False and "no engine has been executed" in doc["reason"]
     assert doc["tensorrt"] == res["tensorrt"] and doc["tensorrt"]["module"] in ("tensorrt", "tensorrt_rtx")
-    assert doc["lowering"] == "plugin" and doc["precision"] == FP16 and set(doc["plugins"]) == set(CUSTOM)
+    assert doc["lowering"] == "plugin" and doc["precision"] == FP16
+    assert set(doc["plugins"]["creators"]) == set(CUSTOM)
+    lib = doc["plugins"]["library"]                            # the library that made the plugin layers
+    assert lib == res["plugin_library"] and lib["path"] == str(plugin_lib.resolve()) and lib["sha256"] == sha256(plugin_lib)
+    import ctypes
+    assert lib["version"] == ctypes.CDLL(str(plugin_lib)).actvarPluginsVersion() >= 101
     assert list(doc["engines"]) == BUILD
     for name in BUILD:
         e = doc["engines"][name]
@@ -222,12 +305,13 @@ def fake_bundle(root, graphs, precision="fp16", lowering="plugin"):
     return root
 
 
-def expert_graph(h="float16", w=None, N=4, k=2, T=6, C=32):
+def expert_graph(h="float16", w=None, N=4, k=2, T=6, C=32, version="1", R=None):
     from onnx import helper
     w = w or h
     H = 4 * C
-    node = helper.make_node("ActVarExpertFFN", ["h", "r", "w1", "b1", "w2", "b2"], ["o", "e"], domain="actvar",
-                            plugin_version="1", plugin_namespace="", num_experts=N, top_k=k)
+    node = helper.make_node("ActVarExpertFFN", ["h", "r", "w1", "b1", "w2", "b2"], ["o", "e"], name="expert",
+                            domain="actvar", plugin_version=version, plugin_namespace="", num_experts=N, top_k=k)
+    N = R or N                                     # R: the router's width when it differs from num_experts
     ins = {"h": (h, [T, C]), "r": ("float32", [T, N]), "w1": (w, [H, C]), "b1": (w, [H]), "w2": (w, [C, H]),
            "b2": (w, [C])}
     return [node], ins, {"o": (h, [T, C]), "e": ("int32", [T, k])}
@@ -240,7 +324,14 @@ def scatter_graph(x="float32", idx="int32", S=2, L=9, K=5, C=16):
     return [node], {"x": (x, [S, L, C]), "i": (idx, [S, K]), "u": (x, [S, K, C])}, {"y": (x, [S, L, C])}
 
 
-def test_plugin_types_supported_per_contract(trt, tmp_path):
+def test_build_bf16_plugin_engine(bundles, plugin_lib):
+    from actvar_export.trt.engines import build_engines
+    res = build_engines(bundles["plugin_bf16"], names=["step_9"], progress=False)
+    g = res["graphs"]["step_9"]
+    assert g["bytes"] > 0 and g["plugin_layers"] == {"ActVarTokenScatter": 2, "ActVarExpertFFN": 2}
+
+
+def test_plugin_types_supported_per_contract(trt, plugin_lib, tmp_path):
     from actvar_export.trt.engines import build_engines
     graphs = {"expert_f16": expert_graph("float16"), "expert_f32": expert_graph("float32", N=8, k=8),
               "scatter_f32": scatter_graph("float32"), "scatter_f16": scatter_graph("float16")}
@@ -255,13 +346,34 @@ def test_plugin_types_supported_per_contract(trt, tmp_path):
 @pytest.mark.parametrize("graph, needle", [
     (expert_graph("float16", w="float32"), "failed to build"),          # weights must have h's type
     (scatter_graph("float32", idx="int64"), "failed to build"),         # idx is int32
-    (expert_graph("float16", N=4, k=5), "top_k=5 outside"),             # the creator's own message
-    (expert_graph("float16", N=3), "inconsistent shapes"),              # hidden % N != 0
-])
-def test_plugin_rejections_name_the_graph(trt, tmp_path, graph, needle):
+    (expert_graph("float16", N=4, k=5), "ActVarExpertFFN 'expert': top_k=5 outside"),   # the creator's message
+    (expert_graph("float16", N=4, k=0), "ActVarExpertFFN 'expert': top_k=0 outside"),
+    (expert_graph("float16", N=65, k=2), "num_experts=65 outside"),
+    (expert_graph("float16", N=3), "num_experts=3 does not divide the hidden width 128"),   # configurePlugin's
+    (expert_graph("float16", N=4, R=5), "inconsistent shapes"),         # router logits [T, 5] for 4 experts
+    (expert_graph("float16", version="2"), "asks for plugin_version '2'.*provides version '1'"),
+], ids=["weights_type", "idx_int64", "top_k_5_of_4", "top_k_0", "65_experts", "hidden_not_divisible", "router_width",
+        "plugin_version_2"])
+def test_plugin_rejections_name_the_graph(trt, plugin_lib, tmp_path, graph, needle):
     from actvar_export.trt.engines import build_engines
     with pytest.raises(ActVarError, match=f"^bad .*{needle}"):
         build_engines(fake_bundle(tmp_path / "b", {"bad": graph}), progress=False)
+
+
+def test_check_report_rejects_plugin_layers_of_another_library(tmp_path):
+    """The check behind "every plugin node is a PLUGIN_V3 layer of this library": a layer whose plugin does not
+    report libactvar_trt_plugins.so's metadata, or a node without its layer, fails the graph."""
+    from actvar_export.trt.engines import _check_report
+    b = Bundle.open(fake_bundle(tmp_path / "b", {"g": scatter_graph()}, "fp32"), verify=False)
+    gi = b.manifest["graphs"]["g"]
+    io = {k: {"dtype": "FLOAT" if t == "float32" else "INT32", "shape": s} for k, (t, s) in {**gi["inputs"], **gi["outputs"]}.items()}
+    rep = {"strongly_typed": True, "inputs": {k: io[k] for k in gi["inputs"]}, "outputs": {k: io[k] for k in gi["outputs"]}}
+    layer = {"layer": "l0", "plugin": "ActVarTokenScatter", "version": "1", "namespace": "", "ours": True}
+    assert _check_report("g", dict(rep, plugin_layers=[layer]), gi, b.manifest, b.graph_path("g")) == {"ActVarTokenScatter": 1}
+    with pytest.raises(ActVarError, match="not a plugin of libactvar_trt_plugins.so"):
+        _check_report("g", dict(rep, plugin_layers=[dict(layer, ours=False)]), gi, b.manifest, b.graph_path("g"))
+    with pytest.raises(ActVarError, match="1 ActVarTokenScatter node.*but 0 plugin layer"):
+        _check_report("g", dict(rep, plugin_layers=[]), gi, b.manifest, b.graph_path("g"))
 
 
 def test_parser_errors_are_collected(trt, tmp_path):
@@ -296,7 +408,7 @@ def test_child_env_aliases_the_unversioned_rtx_library(trt, tmp_path):
 from .test_cli import assert_one_line_error, run  # noqa: E402  (the CLI helpers of the CLI tests)
 
 
-def test_cli_engines(bundles, tmp_path):
+def test_cli_engines(bundles, plugin_lib, tmp_path):
     path = bundles["plugin"]
     r = run("engines", "--bundle", path, "--graphs", "step_9")
     assert r.exit_code == 0, r.output

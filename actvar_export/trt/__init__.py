@@ -1,16 +1,16 @@
-"""TensorRT side of a bundle: plugins for the `plugin` lowering's custom nodes and engine builds.
+"""TensorRT side of a bundle: engine builds, with the C++ plugin library (plugins/trt/) for the `plugin` lowering.
 
 Nothing here imports TensorRT at import time: `load_trt()` imports `tensorrt` if it is installed, else
-`tensorrt_rtx` (same builder / network / ONNX parser / IPluginV3 Python API), on first use.
+`tensorrt_rtx` (same builder / network / ONNX parser / plugin registry Python API), on first use.
 """
 from .api import load_trt, trt_module_info
 
-__all__ = ["load_trt", "trt_module_info", "register_plugins", "build_engines"]
+__all__ = ["load_trt", "trt_module_info", "plugin_library_info", "build_engines"]
 
 
-def register_plugins(trt=None):
-    from .plugins import register_plugins as _register
-    return _register(trt)
+def plugin_library_info():
+    from .plugin_library import library_info
+    return library_info()
 
 
 def build_engines(bundle_dir, names=None, progress=True, parse_only=False):

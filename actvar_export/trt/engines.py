@@ -1,13 +1,13 @@
 """Parse a bundle's ONNX graphs with TensorRT and serialize one engine per graph.
 
 `build_engines(bundle_dir)` checks the bundle against its manifest, then, per graph: parses it with the
-ONNX parser into a strongly typed network (precision comes from the graph), registering this package's
-Python plugins first when the bundle's lowering is `plugin`; collects every parser error; confirms that
-every `ActVarTokenScatter` / `ActVarExpertFFN` node became a PLUGIN_V3 layer created by our creators and
+ONNX parser into a strongly typed network (precision comes from the graph), loading the C++ plugin library
+libactvar_trt_plugins.so (plugin_library.py) first when the bundle's lowering is `plugin`; collects every parser
+error; confirms that every `ActVarTokenScatter` / `ActVarExpertFFN` node became a PLUGIN_V3 layer of that library and
 that the network's inputs and outputs have the dtypes and shapes the manifest declares; builds the
 serialized engine and writes `<graph>.engine` atomically (temporary file + rename) into the bundle.
 `engines.json` (beside manifest.json, which is not modified) lists files, sizes, sha256, the TensorRT
-module and version, and says that the engines have not been run.
+module and version, the plugin library's path, version and sha256, and says that the engines have not been run.
 
 The parsing and building run in one child process (`python -m actvar_export.trt.engines --worker`):
 - TensorRT reports some failures by aborting the process (std::terminate); in a child they become an
@@ -116,7 +116,7 @@ def _custom_node_counts(onnx_path: Path) -> Dict[str, int]:
 
 def _check_report(name: str, rep: dict, gi: dict, manifest: dict, onnx_path: Path) -> Dict[str, int]:
     """Raise ActVarError unless the parsed network is what the bundle declares. Returns plugin counts."""
-    from .plugins import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
+    from .plugin_library import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
     if rep.get("strongly_typed") is False:
         raise ActVarError(f"{name}: TensorRT did not create a strongly typed network")
     want = _expected_io(gi, manifest["precision"])
@@ -138,7 +138,7 @@ def _check_report(name: str, rep: dict, gi: dict, manifest: dict, onnx_path: Pat
     if foreign:
         l = foreign[0]
         raise ActVarError(f"{name}: plugin layer {l['layer']} is {l['plugin']!r} v{l['version']!r} namespace "
-                          f"{l['namespace']!r}, not created by actvar_export's creators")
+                          f"{l['namespace']!r}, not a plugin of libactvar_trt_plugins.so")
     counts = {op: sum(1 for l in layers if l["plugin"] == op) for op in PLUGIN_NAMES}
     for op in PLUGIN_NAMES:
         if counts[op] != nodes.get(op, 0):
@@ -170,13 +170,18 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
             raise ActVarError(f"{what}: this bundle has {', '.join(graphs)}")
         todo = list(dict.fromkeys(todo))
     lowering = m.get("lowering", "portable")
+    plugin_lib = None
+    if lowering == "plugin":
+        from .plugin_library import library_info
+        plugin_lib = library_info()
     trt = load_trt()
     info = trt_module_info(trt)
     tmpdir = Path(tempfile.mkdtemp(prefix="actvar-trt-"))
     tmp_engines: List[Path] = []
     results: Dict[str, dict] = {}
     try:
-        spec = {"module": info["module"], "lowering": lowering, "parse_only": parse_only, "graphs": []}
+        spec = {"module": info["module"], "lowering": lowering, "parse_only": parse_only, "graphs": [],
+                "plugin_library": plugin_lib["path"] if plugin_lib else None}
         for n in todo:
             tmp = None
             if not parse_only:
@@ -215,7 +220,7 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
             last = tail[-1][:300] if tail else "no message"
             raise ActVarError(f"{current}: TensorRT ({info['module']} {info['version']}) aborted the build process "
                               f"(exit status {rc}): {last}")
-        out = {"tensorrt": info, "lowering": lowering, "graphs": {}}
+        out = {"tensorrt": info, "lowering": lowering, "plugin_library": plugin_lib, "graphs": {}}
         for n in todo:
             rep = results[n]
             plugin_counts = _check_report(n, rep["report"], graphs[n], m, b.graph_path(n))
@@ -233,7 +238,7 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
             default_mode(tmp)
             os.replace(tmp, b.path / engine_file(n))
         tmp_engines = []
-        out["engines.json"] = str(_write_engines_json(b.path, m, info, lowering, out["graphs"]))
+        out["engines.json"] = str(_write_engines_json(b.path, m, info, lowering, plugin_lib, out["graphs"]))
         return out
     finally:
         for t in tmp_engines:
@@ -241,18 +246,20 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _write_engines_json(path: Path, manifest: dict, info: dict, lowering: str, built: Dict[str, dict]) -> Path:
-    """engines.json: this run's engines plus still valid entries of an earlier run with the same TensorRT
-    and the same manifest (a run for some graphs keeps the others)."""
+def _write_engines_json(path: Path, manifest: dict, info: dict, lowering: str, plugin_lib: Optional[dict],
+                        built: Dict[str, dict]) -> Path:
+    """engines.json: this run's engines plus still valid entries of an earlier run with the same TensorRT,
+    the same plugin library and the same manifest (a run for some graphs keeps the others)."""
     from ..bundle import MANIFEST
-    from .plugins import PLUGIN_NAMES, PLUGIN_VERSION
+    from .plugin_library import PLUGIN_NAMES, PLUGIN_NAMESPACE, PLUGIN_VERSION
     mani_sha = sha256_file(path / MANIFEST)
     entries = {}
     old_path = path / ENGINES_JSON
     if old_path.exists():
         try:
             old = json.loads(old_path.read_text())
-            if old.get("tensorrt") == info and old.get("manifest_sha256") == mani_sha:
+            old_lib = (old.get("plugins") or {}).get("library")
+            if old.get("tensorrt") == info and old.get("manifest_sha256") == mani_sha and old_lib == plugin_lib:
                 for n, e in old.get("engines", {}).items():
                     f = path / e.get("file", "")
                     if n not in built and f.is_file() and f.stat().st_size == e.get("bytes"):
@@ -270,9 +277,9 @@ def _write_engines_json(path: Path, manifest: dict, info: dict, lowering: str, b
         "lowering": lowering,
         "precision": manifest["precision"],
         "strongly_typed": True,
-        "plugins": ({n: {"version": PLUGIN_VERSION, "namespace": "",
-                         "implementation": "actvar_export.trt.plugins (Python IPluginV3); call register_plugins() before "
-                                           "deserializing; enqueue needs libactvar_plugins.so"} for n in PLUGIN_NAMES}
+        "plugins": ({"library": plugin_lib,
+                     "creators": {n: {"version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE} for n in PLUGIN_NAMES},
+                     "load": "IPluginRegistry::loadLibrary(library path) before deserializing (trtexec --dynamicPlugins)"}
                     if lowering == "plugin" else None),
         "engines": dict(sorted(entries.items(), key=lambda kv: _graph_order(kv[0]))),
         "runnable_here": False,
@@ -301,7 +308,7 @@ def _dtype_name(dt) -> str:
 
 
 def _network_report(trt, network) -> dict:
-    from .plugins import is_our_plugin
+    from .plugin_library import plugin_identity
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     rep = {"strongly_typed": bool(network.get_flag(flag)) if flag is not None else None,
            "inputs": {}, "outputs": {}, "plugin_layers": [], "num_layers": network.num_layers}
@@ -317,10 +324,8 @@ def _network_report(trt, network) -> dict:
         if layer.type == v3:
             layer.__class__ = trt.IPluginV3Layer
             plugin = layer.plugin
-            core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
             rep["plugin_layers"].append({
-                "layer": layer.name, "plugin": core.plugin_name, "version": core.plugin_version,
-                "namespace": core.plugin_namespace, "ours": is_our_plugin(plugin, trt) is not None,
+                "layer": layer.name, **plugin_identity(trt, plugin),
                 "outputs": [{"dtype": _dtype_name(layer.get_output(j).dtype),
                              "shape": [int(d) for d in layer.get_output(j).shape]} for j in range(layer.num_outputs)]})
         elif v3 is None and "PLUGIN" in _dtype_name(layer.type):
@@ -361,9 +366,15 @@ def _worker(spec_path: str) -> int:
                 print(f"[TensorRT warning] {msg}", file=sys.stderr, flush=True)
 
     logger = _Log()
-    if spec["lowering"] == "plugin":
-        from .plugins import register_plugins
-        register_plugins(trt)
+    plugin = spec["lowering"] == "plugin"
+    if plugin:
+        from .plugin_library import PLUGIN_NAMES, load_into_registry, node_version_errors
+        try:
+            load_into_registry(trt, spec["plugin_library"])
+        except ActVarError as e:
+            _emit({"graph": spec["graphs"][0]["name"], "error": str(e)})
+            return 0
+        own = lambda: [m for m in logger.errors if m.startswith(PLUGIN_NAMES)]   # the plugins' own messages
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     flags = (1 << int(flag)) if flag is not None else 0
     for g in spec["graphs"]:
@@ -379,9 +390,8 @@ def _worker(spec_path: str) -> int:
         parser = trt.OnnxParser(network, logger)
         ok = parser.parse_from_file(g["onnx"])
         errs = _parser_errors(parser)
-        if spec["lowering"] == "plugin":
-            from .plugins import pop_errors
-            errs = pop_errors() + errs
+        if plugin and (errs or not ok):
+            errs = own() + node_version_errors(trt, g["onnx"], CUSTOM_DOMAIN) + errs
         if not ok or errs:
             errs = errs or logger.errors or ["parse_from_file returned False without an error"]
             _emit({"graph": name, "error": f"the ONNX parser reported {len(errs)} error(s): " + "; ".join(errs[:3])})
@@ -392,10 +402,8 @@ def _worker(spec_path: str) -> int:
             config = builder.create_builder_config()
             ser = builder.build_serialized_network(network, config)
             if ser is None or ser.nbytes == 0:
-                msgs = logger.errors[:3]
-                if spec["lowering"] == "plugin":
-                    from .plugins import pop_errors
-                    msgs = pop_errors() + msgs
+                msgs = (own() if plugin else []) + logger.errors[:3]
+                msgs = list(dict.fromkeys(msgs))
                 _emit({"graph": name, "error": "TensorRT failed to build the engine: " + ("; ".join(msgs[:3]) or "no message")})
                 return 0
             with open(g["tmp"], "wb") as f:
