@@ -226,8 +226,9 @@ def test_ort_ops_exports_registration_only(ort_ops_lib):
     assert needed and not any("onnxruntime" in l or "cudart" in l for l in needed), needed
 
 
-def _ort_graph(op: str, dt: int, idx_dt: int = 6, out_dt=None, router_dt: int = 1) -> bytes:
-    """One ActVarTokenScatter or ActVarExpertFFN node with the graphs' attributes; dt = activation element type."""
+def _ort_graph(op: str, dt: int, idx_dt: int = 6, out_dt=None, router_dt: int = 1, shapes=(None, None)) -> bytes:
+    """One ActVarTokenScatter or ActVarExpertFFN node with the graphs' attributes; dt = activation element type,
+    shapes = the declared shapes of the outputs."""
     from onnx import helper
     if op == "ActVarTokenScatter":
         ins = [("x", dt, [2, 8, 4]), ("idx", idx_dt, [2, 3]), ("upd", dt, [2, 3, 4])]
@@ -239,7 +240,7 @@ def _ort_graph(op: str, dt: int, idx_dt: int = 6, out_dt=None, router_dt: int = 
     node = helper.make_node(op, [n for n, _, _ in ins], [n for n, _ in outs], domain="actvar", plugin_version="1",
                             plugin_namespace="", **attrs)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info(*i) for i in ins],
-                          [helper.make_tensor_value_info(n, t, None) for n, t in outs])
+                          [helper.make_tensor_value_info(n, t, sh) for (n, t), sh in zip(outs, shapes)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("actvar", 1)])
     m.ir_version = 10
     return m.SerializeToString()
@@ -248,6 +249,7 @@ def _ort_graph(op: str, dt: int, idx_dt: int = 6, out_dt=None, router_dt: int = 
 def _cpu_session(model: bytes, lib=None):
     import onnxruntime as ort
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.strict_shape_type_inference", "1")   # shape conflicts are errors
     if lib is not None:
         so.register_custom_ops_library(str(lib))
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
@@ -298,3 +300,22 @@ def test_ort_ops_no_gpu_named(ort_ops_lib, monkeypatch):
     with pytest.raises(ActVarError) as e:
         custom_ops.cuda_ops_library(["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert "needs a CUDA GPU (" in str(e.value) and "libactvar_ort_ops.so" not in str(e.value)
+
+
+@pytest.mark.parametrize("op, shapes, conflict", [
+    ("ActVarTokenScatter", ([2, 8, 4], None), None),
+    ("ActVarTokenScatter", ([2, 8, 5], None), "Inferred=4 Declared=5"),
+    ("ActVarExpertFFN", ([5, 4], [5, 2]), None),
+    ("ActVarExpertFFN", ([5, 4], [5, 3]), "Inferred=2 Declared=3"),     # experts [T, top_k]
+    ("ActVarExpertFFN", ([6, 4], [5, 2]), "Inferred=5 Declared=6"),     # out [T, C] = h's shape
+])
+def test_ort_ops_infer_output_shapes(ort_ops_lib, op, shapes, conflict):
+    """The library's shape inference (out = x's or h's shape, experts [T, top_k]) runs when the graph loads: a
+    declared output shape that contradicts it fails there; a consistent one gets as far as kernel lookup."""
+    with pytest.raises(Exception) as e:
+        _cpu_session(_ort_graph(op, 1, shapes=shapes), ort_ops_lib)
+    msg = str(e.value)
+    if conflict:
+        assert "Can't merge shape info" in msg and conflict in msg, msg
+    else:
+        assert "Could not find an implementation" in msg or "Failed to find kernel" in msg, msg

@@ -223,14 +223,60 @@ struct ExpertFfn final : Kernel {
 
 // ---- the OrtCustomOp descriptors: one per (op, element type) ----
 struct OpDef : OrtCustomOp {
+    using Make = OrtStatus* (*)(const OpDef&, const OrtKernelInfo*, const std::string&, Kernel**);
+    using Infer = OrtStatus*(ORT_API_CALL*)(const OrtCustomOp*, OrtShapeInferContext*);
     const char* name;
     ONNXTensorElementDataType type;   // element type of the activations and weights
     std::vector<ONNXTensorElementDataType> ins, outs;
-    OrtStatus* (*make)(const OpDef&, const OrtKernelInfo*, const std::string&, Kernel**);
-    bool inplace;                     // output 0 may reuse input 0's buffer
+    Make make;
 };
 
 const OpDef& def(const OrtCustomOp* op) { return *static_cast<const OpDef*>(op); }
+
+// ---- shape inference (graph load): ONNX Runtime plans the outputs' memory from it, and lets ActVarTokenScatter's
+// output take x's buffer only when it knows their shapes are equal ----
+OrtStatus* ORT_API_CALL inferScatter(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+    OrtTensorTypeAndShapeInfo* x = nullptr;   // owned by the context
+    if (OrtStatus* s = gApi->ShapeInferContext_GetInputTypeShape(ctx, 0, &x)) {
+        gApi->ReleaseStatus(s);               // no shape known: nothing to infer
+        return nullptr;
+    }
+    return gApi->ShapeInferContext_SetOutputTypeShape(ctx, 0, x);   // out: x's type and shape
+}
+
+OrtStatus* ORT_API_CALL inferExpertFfn(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+    OrtTensorTypeAndShapeInfo* h = nullptr;   // owned by the context
+    if (OrtStatus* s = gApi->ShapeInferContext_GetInputTypeShape(ctx, 0, &h)) {
+        gApi->ReleaseStatus(s);
+        return nullptr;
+    }
+    ACTVAR_ORT_RETURN(gApi->ShapeInferContext_SetOutputTypeShape(ctx, 0, h));   // out: h's type and shape [T, C]
+    size_t rank = 0;
+    ACTVAR_ORT_RETURN(gApi->GetDimensionsCount(h, &rank));
+    if (rank != 2) return nullptr;
+    const OrtOpAttr* attr = nullptr;
+    if (OrtStatus* s = gApi->ShapeInferContext_GetAttribute(ctx, "top_k", &attr)) {
+        gApi->ReleaseStatus(s);   // kernel creation reports the missing attribute
+        return nullptr;
+    }
+    int64_t topk = 0;
+    size_t got = 0;
+    ACTVAR_ORT_RETURN(gApi->ReadOpAttr(attr, ORT_OP_ATTR_INT, &topk, sizeof(topk), &got));
+    int64_t d[2];
+    const char* sym[2] = {nullptr, ""};
+    ACTVAR_ORT_RETURN(gApi->GetDimensions(h, d, 2));
+    ACTVAR_ORT_RETURN(gApi->GetSymbolicDimensions(h, sym, 2));
+    OrtTensorTypeAndShapeInfo* e = nullptr;   // experts: int32 [T, top_k]
+    ACTVAR_ORT_RETURN(gApi->CreateTensorTypeAndShapeInfo(&e));
+    const int64_t ed[2] = {d[0], topk};
+    const char* esym[2] = {sym[0] ? sym[0] : "", ""};
+    OrtStatus* s = gApi->SetTensorElementType(e, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
+    if (!s) s = gApi->SetDimensions(e, ed, 2);
+    if (!s) s = gApi->SetSymbolicDimensions(e, esym, 2);
+    if (!s) s = gApi->ShapeInferContext_SetOutputTypeShape(ctx, 1, e);
+    gApi->ReleaseTensorTypeAndShapeInfo(e);
+    return s;
+}
 
 OrtStatus* makeScatter(const OpDef& d, const OrtKernelInfo*, const std::string&, Kernel** k) {
     *k = new TokenScatter(actvarDtype(d.type));
@@ -290,16 +336,16 @@ void ORT_API_CALL releaseInplace(int* in, int* out) {
     delete[] out;
 }
 
+// inplace: output 0 may reuse input 0's buffer
 OpDef makeDef(const char* name, ONNXTensorElementDataType t, std::vector<ONNXTensorElementDataType> ins,
-              std::vector<ONNXTensorElementDataType> outs,
-              OrtStatus* (*make)(const OpDef&, const OrtKernelInfo*, const std::string&, Kernel**), bool inplace) {
+              std::vector<ONNXTensorElementDataType> outs, OpDef::Make make, OpDef::Infer infer, bool inplace) {
     OpDef d{};
     d.name = name;
     d.type = t;
     d.ins = std::move(ins);
     d.outs = std::move(outs);
     d.make = make;
-    d.inplace = inplace;
+    d.InferOutputShapeFn = infer;
     d.version = kOrtApi;
     d.GetName = [](const OrtCustomOp* op) { return def(op).name; };
     d.GetExecutionProviderType = [](const OrtCustomOp*) { return kProvider; };
@@ -341,8 +387,9 @@ OrtStatus* buildRegistry(Registry& r) {
     r.ops.reserve(6);
     for (ONNXTensorElementDataType t : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                                         ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16}) {
-        r.ops.push_back(makeDef("ActVarTokenScatter", t, {t, I32, t}, {t}, makeScatter, true));
-        r.ops.push_back(makeDef("ActVarExpertFFN", t, {t, F32, t, t, t, t}, {t, I32}, makeExpertFfn, false));
+        r.ops.push_back(makeDef("ActVarTokenScatter", t, {t, I32, t}, {t}, makeScatter, inferScatter, true));
+        r.ops.push_back(makeDef("ActVarExpertFFN", t, {t, F32, t, t, t, t}, {t, I32}, makeExpertFfn, inferExpertFfn,
+                                false));
     }
     ACTVAR_ORT_RETURN(gApi->CreateCustomOpDomain(kDomain, &r.domain));
     for (const OpDef& d : r.ops) ACTVAR_ORT_RETURN(gApi->CustomOpDomain_Add(r.domain, &d));
