@@ -178,7 +178,7 @@ def test_token_scatter_on_cuda_is_exact(ort_cuda, precision, inplace):
     x = g.standard_normal((S, L, C), np.float32)
     upd = g.standard_normal((S, K, C), np.float32)
     idx = np.sort(np.stack([g.choice(L, K, replace=False) for _ in range(S)]), axis=1).astype(np.int32)
-    feed = {"x": x, "idx": idx, "upd": upd, **({"one": np.float32(1.0)} if inplace else {})}
+    feed = {"x": x, "idx": idx, "upd": upd, **({"one": np.array(1.0, np.float32)} if inplace else {})}
     got = _session(ort, lib, _scatter_model(dt, inplace)).run(None, feed)[0]
     ref = ops.scatter_tokens(_rounded(x, tdt), torch.from_numpy(idx).long(), _rounded(upd, tdt)).float().numpy()
     assert np.array_equal(got, ref)
