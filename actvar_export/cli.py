@@ -259,6 +259,7 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     from .validate import ValidationError, validate_bundle
     b = Bundle.open(bundle, show_progress=True)
     b.check_checkpoint(ckpt)
+    backend = OrtBackend(b, _providers(providers))
     m = b.manifest
     ov = m["actvar"] and {k: m["actvar"][k] for k in ("token_ratio", "expert_ratio")} | {"active_scales": tuple(m["actvar"]["active_scales"])}
     model, v = build_models(load_checkpoint(ckpt, vae, ov or None))
@@ -266,7 +267,6 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     if len(labels) != b.batch or any(not 0 <= c < 1000 for c in labels):
         raise ActVarError(f"--classes: the bundle was built for batch {b.batch}: give {b.batch} ImageNet ids (0..999)")
     settings = SampleSettings(cfg=cfg, top_k=m["top_k"], top_p=top_p, sampler="noise")
-    backend = OrtBackend(b, _providers(providers))
     bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
     rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
     bar.close()

@@ -3,9 +3,10 @@
 #   scripts/device_check.sh                # every section present, in order
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
-# Sections: build, tests, bench (kernels = build tests bench), probe (the expert GEMMs alone,
-# benchmarks/gemm_probe.cu; not in the default list), trtplugins (the TensorRT plugin library's test program:
-# enqueue on the GPU compared with the reference ops). Other sections (e.g. ort) can be added as functions named
+# Sections: build, tests, bench (kernels = build tests bench), ort (onnxruntime-gpu bundle benchmark), ortops (the
+# ONNX Runtime custom-op library plugins/ort and its GPU tests), trtplugins (the TensorRT plugin library's test
+# program: enqueue on the GPU compared with the reference ops), probe (the expert GEMMs alone,
+# benchmarks/gemm_probe.cu; not in the default list). Other sections can be added as functions named
 # section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
 set -uo pipefail
@@ -86,15 +87,20 @@ print(next((d for d in (os.path.join(p, 'cu13') for p in nvidia.__path__)
 
 section_kernels() { section_build && section_tests; local a=$?; section_bench; local b=$?; return $((a || b)); }
 
-section_ort() {
-    # ONNX Runtime with the CUDA execution provider: the onnxruntime-gpu wheel is carried in pieces
-    # (.wheelparts, see ../shared/device/README.md) and joined under /tmp/parts by earlier runs.
-    echo "== ort: onnxruntime-gpu bundle validation + throughput"
+ort_gpu_site() {
+    # onnxruntime-gpu under /tmp/site: the wheel is carried in pieces (.wheelparts, see ../shared/device/README.md)
+    # and joined under /tmp/parts by earlier runs.
     local whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
     if [ ! -d /tmp/site/onnxruntime ]; then
         [ -d /tmp/parts ] || { echo "no /tmp/parts: carry .wheelparts first"; return 1; }
         cat /tmp/parts/part.* > "$whl" && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$whl" || return 1
     fi
+}
+
+section_ort() {
+    # ONNX Runtime with the CUDA execution provider
+    echo "== ort: onnxruntime-gpu bundle validation + throughput"
+    ort_gpu_site || return 1
     # ORT_BENCH_ARGS overrides the configuration (default: the d16 fp16 batch 16)
     PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_ort.py ${ORT_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
         --workdir "/tmp/ortbench_$$" --json "$OUT/bench_ort.json" 2>&1 | tee "$OUT/bench_ort.log" | tail -40
@@ -103,13 +109,13 @@ section_ort() {
 
 section_trtplugins() {
     # libactvar_trt_plugins.so + its test program for sm_90 (no TensorRT needed on the device: only its headers,
-    # ACTVAR_TRT_INCLUDE, else ../shared/sdk/tensorrt-11.1/include, else .sdk/trt-include carried into the checkout),
+    # ACTVAR_TRT_INCLUDE, else ../shared/sdk/tensorrt-11.1/include, else .sdk/tensorrt-11.1/include carried into the checkout),
     # then the program's CPU checks, and its enqueue on the GPU compared with the reference ops by pytest.
     local inc=${ACTVAR_TRT_INCLUDE:-}
-    for c in "$ROOT/../shared/sdk/tensorrt-11.1/include" "$ROOT/.sdk/trt-include"; do
+    for c in "$ROOT/../shared/sdk/tensorrt-11.1/include" "$ROOT/.sdk/tensorrt-11.1/include"; do
         [ -z "$inc" ] && [ -f "$c/NvInferRuntime.h" ] && inc=$c
     done
-    [ -n "$inc" ] || { echo "no TensorRT headers: set ACTVAR_TRT_INCLUDE or carry them as .sdk/trt-include"; return 1; }
+    [ -n "$inc" ] || { echo "no TensorRT headers: set ACTVAR_TRT_INCLUDE or carry them as .sdk/tensorrt-11.1/include"; return 1; }
     echo "== trtplugins: cmake plugins (TensorRT headers $inc) -> $BUILD (CUDA archs $ARCHS)"
     cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
         -DTensorRT_INCLUDE_DIR="$inc" -DACTVAR_TRT_BUILD_TESTS=ON > "$OUT/trt_build.log" 2>&1 &&
@@ -127,8 +133,25 @@ section_trtplugins() {
     return $rc
 }
 
+section_ortops() {
+    # libactvar_ort_ops.so (plugins/ort) for sm_90 against the ONNX Runtime C API headers, then its GPU tests on
+    # onnxruntime-gpu: ONNXRUNTIME_INCLUDE_DIR names the headers (../shared does not travel to the device: carry a
+    # copy inside the checkout, e.g. .sdk/onnxruntime-1.29/include ignored through .git/info/exclude)
+    local headers=${ONNXRUNTIME_INCLUDE_DIR:-$ROOT/.sdk/onnxruntime-1.29/include}
+    echo "== ortops: libactvar_ort_ops.so (CUDA archs $ARCHS, headers $headers) + tests/test_ort_ops.py on onnxruntime-gpu"
+    [ -f "$headers/onnxruntime_c_api.h" ] || { echo "no onnxruntime_c_api.h in $headers"; return 1; }
+    ort_gpu_site || return 1
+    cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+        -DONNXRUNTIME_INCLUDE_DIR="$headers" > "$OUT/build_ortops.log" 2>&1 &&
+        cmake --build "$BUILD" -j "$(nproc)" --target actvar_ort_ops >> "$OUT/build_ortops.log" 2>&1 ||
+        { tail -20 "$OUT/build_ortops.log"; return 1; }
+    ACTVAR_ORT_OPS_LIB=$BUILD/ort/libactvar_ort_ops.so ACTVAR_REQUIRE_ORT_OPS=1 PYTHONPATH=/tmp/site:$PYTHONPATH \
+        python3 -m pytest -m gpu tests/test_ort_ops.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ortops.log" | tail -30
+    return ${PIPESTATUS[0]}
+}
+
 ALL=(kernels)
-for s in ort trtplugins; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort ortops trtplugins; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 

@@ -38,6 +38,7 @@ def make_model(depth=2, actvar=None, seed=0):
 
 
 TRT_HEADERS = SHARED / "sdk" / "tensorrt-11.1" / "include"
+ORT_HEADERS = SHARED / "sdk" / "onnxruntime-1.29" / "include"
 
 
 def _rtx_library():
@@ -55,7 +56,8 @@ def plugin_build(tmp_path_factory):
     are slow to compile): libactvar_plugins.so, and with TensorRT's headers (ACTVAR_TRT_INCLUDE, else the shared
     SDK copy) libactvar_trt_plugins.so, actvar_trt_plugin_test and, with TensorRT-RTX's library,
     libactvar_trt_plugins_registered.so. Default architectures unless ACTVAR_PLUGIN_ARCHS (CMake syntax) is set.
-    Returns {"dir", "c_api", "trt", "trt_registered", "trt_test"} (None for what was not built)."""
+    With ONNX Runtime's C API headers (ONNXRUNTIME_INCLUDE_DIR, else the shared SDK copy) also libactvar_ort_ops.so.
+    Returns {"dir", "c_api", "trt", "trt_registered", "trt_test", "ort_ops"} (None for what was not built)."""
     import shutil
     import subprocess
     import sys
@@ -69,6 +71,9 @@ def plugin_build(tmp_path_factory):
     archs = os.environ.get("ACTVAR_PLUGIN_ARCHS")
     if archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
+    ort_headers = Path(os.environ.get("ONNXRUNTIME_INCLUDE_DIR", ORT_HEADERS))
+    if (ort_headers / "onnxruntime_c_api.h").is_file():
+        cfg.append(f"-DONNXRUNTIME_INCLUDE_DIR={ort_headers}")
     headers = Path(os.environ.get("ACTVAR_TRT_INCLUDE", TRT_HEADERS))
     rtx = _rtx_library()
     if (headers / "NvInferRuntime.h").is_file():
@@ -82,6 +87,7 @@ def plugin_build(tmp_path_factory):
     out = {"dir": build, "c_api": build / "libactvar_plugins.so",
            "trt": found(build / "trt" / "libactvar_trt_plugins.so"),
            "trt_registered": found(build / "trt" / "libactvar_trt_plugins_registered.so"),
-           "trt_test": found(build / "trt" / "actvar_trt_plugin_test")}
+           "trt_test": found(build / "trt" / "actvar_trt_plugin_test"),
+           "ort_ops": found(build / "ort" / "libactvar_ort_ops.so")}
     assert out["c_api"].is_file()
     return out

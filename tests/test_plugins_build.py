@@ -15,9 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# ONNX Runtime C API headers for plugins/ort (not part of the project: ../shared/sdk beside the checkout, or
+# ONNXRUNTIME_INCLUDE_DIR); without them libactvar_ort_ops.so is not built and its tests skip
+ORT_HEADERS = Path(os.environ.get("ONNXRUNTIME_INCLUDE_DIR", ROOT.parent / "shared" / "sdk" / "onnxruntime-1.29" / "include"))
 EXPORTS = ["actvarTopkAscending", "actvarTokenSelect", "actvarTokenGather", "actvarTokenScatter",
            "actvarExpertRoute", "actvarExpertFfn", "actvarExpertFfnWorkspaceSize", "actvarPluginsVersion",
            "actvarExpertFfnCublasLt", "actvarExpertFfnPath"]
@@ -222,3 +226,123 @@ def test_trt_plugin_test_program_cpu_checks(trt_lib):
     assert int(n) > 500 and failed == "0 failed"
     usage = subprocess.run([str(exe), "--bogus"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+# ---- libactvar_ort_ops.so (plugins/ort): built with the ONNX Runtime headers, registered in a CPU session ----
+
+@pytest.fixture(scope="module")
+def ort_ops_lib(plugin_build):
+    if plugin_build["ort_ops"] is None:
+        pytest.skip(f"no ONNX Runtime C API headers at {ORT_HEADERS}: libactvar_ort_ops.so not built")
+    lib = plugin_build["ort_ops"]
+    assert lib.is_file(), "ONNXRUNTIME_INCLUDE_DIR was given but libactvar_ort_ops.so was not built"
+    return lib
+
+
+def test_ort_ops_exports_registration_only(ort_ops_lib):
+    """RegisterCustomOps (and the device probe) exported, the kernels' C names hidden; no link to libonnxruntime
+    (ONNX Runtime passes its API) nor to a shared CUDA runtime."""
+    for tool in ("nm", "readelf"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not on PATH")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(ort_ops_lib)], capture_output=True, text=True).stdout
+    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    assert {n for n in names if not n.startswith("_")} == {"RegisterCustomOps", "actvarOrtOpsDeviceCount"}
+    needed = subprocess.run(["readelf", "-d", str(ort_ops_lib)], capture_output=True, text=True).stdout
+    needed = [l for l in needed.splitlines() if "NEEDED" in l]
+    assert needed and not any("onnxruntime" in l or "cudart" in l for l in needed), needed
+
+
+def _ort_graph(op: str, dt: int, idx_dt: int = 6, out_dt=None, router_dt: int = 1, shapes=(None, None)) -> bytes:
+    """One ActVarTokenScatter or ActVarExpertFFN node with the graphs' attributes; dt = activation element type,
+    shapes = the declared shapes of the outputs."""
+    from onnx import helper
+    if op == "ActVarTokenScatter":
+        ins = [("x", dt, [2, 8, 4]), ("idx", idx_dt, [2, 3]), ("upd", dt, [2, 3, 4])]
+        outs, attrs = [("y", out_dt or dt)], {}
+    else:
+        ins = [("h", dt, [5, 4]), ("router", router_dt, [5, 4]), ("w1", dt, [16, 4]), ("b1", dt, [16]),
+               ("w2", dt, [4, 16]), ("b2", dt, [4])]
+        outs, attrs = [("y", out_dt or dt), ("experts", 6)], {"num_experts": 4, "top_k": 2}
+    node = helper.make_node(op, [n for n, _, _ in ins], [n for n, _ in outs], domain="actvar", plugin_version="1",
+                            plugin_namespace="", **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(*i) for i in ins],
+                          [helper.make_tensor_value_info(n, t, sh) for (n, t), sh in zip(outs, shapes)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("actvar", 1)])
+    m.ir_version = 10
+    return m.SerializeToString()
+
+
+def _cpu_session(model: bytes, lib=None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.strict_shape_type_inference", "1")   # shape conflicts are errors
+    if lib is not None:
+        so.register_custom_ops_library(str(lib))
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def test_ort_ops_register_in_cpu_session(ort_ops_lib):
+    """onnxruntime (CPU build) loads the library and calls RegisterCustomOps: the session options register cleanly
+    and a graph without the ops runs. The ops' schemas become known (without the library the domain is unknown),
+    but their kernels exist for CUDAExecutionProvider only, so a graph of them on the CPU fails at kernel lookup."""
+    from onnx import TensorProto as TP
+    from onnx import helper
+    g = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "g", [helper.make_tensor_value_info("a", 1, [3])],
+                          [helper.make_tensor_value_info("b", 1, [3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10
+    got = _cpu_session(m.SerializeToString(), ort_ops_lib).run(None, {"a": np.array([-1, 0, 2], np.float32)})[0]
+    assert got.tolist() == [0, 0, 2]
+    for op in ("ActVarTokenScatter", "ActVarExpertFFN"):
+        with pytest.raises(Exception, match=f"actvar:{op}.* is not a registered function/op"):
+            _cpu_session(_ort_graph(op, TP.FLOAT))
+        for dt in (TP.FLOAT, TP.FLOAT16, TP.BFLOAT16):
+            with pytest.raises(Exception, match=rf"(Could not find an implementation|Failed to find kernel) for (actvar\.)?{op}"):
+                _cpu_session(_ort_graph(op, dt), ort_ops_lib)
+
+
+@pytest.mark.parametrize("graph, needle", [
+    (dict(op="ActVarTokenScatter", dt=1, idx_dt=7), "Type 'tensor(int64)' of input parameter (idx)"),
+    (dict(op="ActVarTokenScatter", dt=11), "Type 'tensor(double)' of input parameter (x)"),
+    (dict(op="ActVarExpertFFN", dt=10, router_dt=10), "Type 'tensor(float16)' of input parameter (router)"),
+    (dict(op="ActVarExpertFFN", dt=10, out_dt=1), "Type (tensor(float)) of output arg (y)"),
+    (dict(op="ActVarTokenScatter", dt=16, out_dt=10), "Type (tensor(float16)) of output arg (y)"),
+])
+def test_ort_ops_schema_rejects_wrong_types(ort_ops_lib, graph, needle):
+    """The registered input/output types are those of the contracts (idx and experts int32, router float32, the rest
+    one of float32/float16/bfloat16) and the output type follows the input's: wrong ones fail at load."""
+    with pytest.raises(Exception) as e:
+        _cpu_session(_ort_graph(**graph), ort_ops_lib)
+    assert needle in str(e.value)
+
+
+def test_ort_ops_no_gpu_named(ort_ops_lib, monkeypatch):
+    """With the library present and ONNX Runtime offering CUDA, a machine without a usable GPU is named as such."""
+    from actvar_export.errors import ActVarError
+    from actvar_export.runtime import custom_ops
+    if custom_ops.cuda_device_count(ort_ops_lib) > 0:
+        pytest.skip("a CUDA GPU is present")
+    monkeypatch.setenv(custom_ops.ENV_VAR, str(ort_ops_lib))
+    with pytest.raises(ActVarError) as e:
+        custom_ops.cuda_ops_library(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "needs a CUDA GPU (" in str(e.value) and "libactvar_ort_ops.so" not in str(e.value)
+
+
+@pytest.mark.parametrize("op, shapes, conflict", [
+    ("ActVarTokenScatter", ([2, 8, 4], None), None),
+    ("ActVarTokenScatter", ([2, 8, 5], None), "Inferred=4 Declared=5"),
+    ("ActVarExpertFFN", ([5, 4], [5, 2]), None),
+    ("ActVarExpertFFN", ([5, 4], [5, 3]), "Inferred=2 Declared=3"),     # experts [T, top_k]
+    ("ActVarExpertFFN", ([6, 4], [5, 2]), "Inferred=5 Declared=6"),     # out [T, C] = h's shape
+])
+def test_ort_ops_infer_output_shapes(ort_ops_lib, op, shapes, conflict):
+    """The library's shape inference (out = x's or h's shape, experts [T, top_k]) runs when the graph loads: a
+    declared output shape that contradicts it fails there; a consistent one gets as far as kernel lookup."""
+    with pytest.raises(Exception) as e:
+        _cpu_session(_ort_graph(op, 1, shapes=shapes), ort_ops_lib)
+    msg = str(e.value)
+    if conflict:
+        assert "Can't merge shape info" in msg and conflict in msg, msg
+    else:
+        assert "Could not find an implementation" in msg or "Failed to find kernel" in msg, msg

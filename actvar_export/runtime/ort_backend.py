@@ -9,6 +9,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import ActVarError
 from ..export.graph import CUSTOM_DOMAIN
+from .custom_ops import CUDA_PROVIDER, cuda_ops_library, register_cuda_ops
 
 _NP = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32}
 
@@ -27,6 +28,10 @@ class OrtBackend:
         # a provider is a name or (name, options), as ONNX Runtime takes them
         self.providers = list(providers or default_providers())
         self.provider_names = [p if isinstance(p, str) else p[0] for p in self.providers]
+        # plugin bundles on CUDA run the custom ops of libactvar_ort_ops.so; elsewhere the CPU reference ops
+        self.cuda_ops = None
+        if bundle.manifest.get("lowering") == "plugin" and self.provider_names[:1] == [CUDA_PROVIDER]:
+            self.cuda_ops = cuda_ops_library(ort.get_available_providers())
         missing = [p for p in self.provider_names if p not in ort.get_available_providers()]
         if missing:
             raise ActVarError(f"ONNX Runtime here lacks {', '.join(missing)} (available: {', '.join(ort.get_available_providers())})")
@@ -62,7 +67,10 @@ class OrtBackend:
                 arr = np.frombuffer(w, dtype=np.uint8, count=int(d["length"]), offset=int(d["offset"]))
                 self._shared[t.name] = ort.OrtValue.ortvalue_from_numpy(arr.view(_NP[t.data_type]).reshape(tuple(t.dims)))
             so.add_initializer(t.name, self._shared[t.name])
-        if any(n.domain == CUSTOM_DOMAIN for n in model.graph.node):
+        custom = any(n.domain == CUSTOM_DOMAIN for n in model.graph.node)
+        if custom and self.cuda_ops is not None:
+            register_cuda_ops(so, self.cuda_ops)
+        elif custom:
             from .ort_ops import ORT_CONTRIB_DOMAIN, register
             so.register_custom_ops_library(register())
             for n in model.graph.node:
