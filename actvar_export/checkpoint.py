@@ -2,6 +2,7 @@
 and random-weight checkpoints in the official layout (`init-ckpt`)."""
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -197,5 +198,12 @@ def build_models(ck: LoadedCheckpoint, device="cpu"):
 
 
 def save_atomic(obj, out: Path) -> None:
-    """torch.save to a temporary file beside `out`, then rename: never a half-written file."""
-    atomic_write(out, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file beside `out`, then rename: never a half-written file.
+    Saved through a file object, so the archive's root is torch's fixed name rather than the temporary
+    file's random one: the same object gives the same bytes."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(out, write)
