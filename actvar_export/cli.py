@@ -67,7 +67,7 @@ def main():
 @click.option("--dense", is_flag=True, help="Plain VAR (no selector/router keys)  [default: ActVAR]")
 @click.option("--experts", type=int, default=16, show_default=True, help="Number of FFN experts N; must divide 256·depth.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights: the same arguments give the same file bytes.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Checkpoint file to write (temporary file + rename).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (temporary file + rename).")
 def init_ckpt(depth, dense, experts, seed, out):
     """Write a RANDOM-WEIGHT checkpoint (not a trained model).
 
@@ -110,7 +110,7 @@ def init_ckpt(depth, dense, experts, seed, out):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Autocast precision (--ckpt only).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (--ckpt only).")
 @_apply(actvar_options)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
 def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device,
            token_ratio, expert_ratio, active_scales, out):
     """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
@@ -240,8 +240,8 @@ def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert
 @click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength (finite, >= 0).")
 @click.option("--top-p", type=float, default=0.96, show_default=True, help="Top-p in [0, 1]; 0 disables.")
 @click.option("--providers", default=None, help="ONNX Runtime providers, e.g. 'cpu' or 'cuda,cpu'  [default: CUDA if available, else CPU]")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON  [default: none]")
-@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write reference vs bundle images side by side (PNG)  [default: none]")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON  [default: none]")
+@click.option("--grid", type=click.Path(path_type=Path), default=None, help="Write reference vs bundle images side by side (PNG)  [default: none]")
 def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid):
     """Prove a bundle matches the PyTorch reference. Each scale's graph gets the reference's own
     inputs (teacher forcing); continuous outputs are compared with a tolerance set by the precision,

@@ -31,10 +31,13 @@ def os_error_in(e: BaseException) -> Optional[OSError]:
     return None
 
 
+def reason(e: OSError) -> str:
+    return _WHY.get(e.errno, e.strerror or type(e).__name__)
+
+
 def write_error(e: OSError, path) -> ActVarError:
     """One line naming the path being written and the reason."""
-    why = _WHY.get(e.errno, e.strerror or type(e).__name__)
-    return ActVarError(f"{path}: cannot write: {why}")
+    return ActVarError(f"{path}: cannot write: {reason(e)}")
 
 
 def umask() -> int:

@@ -12,7 +12,7 @@ from typing import Iterable, List, Optional
 
 from .config import NUM_CLASSES, TOPK_LIMIT_TRT, VOCAB, ActVarConfig, VarConfig
 from .errors import ActVarError
-from .fsutil import os_error_in, write_error
+from .fsutil import reason
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -28,10 +28,11 @@ def actvar_overrides(token_ratio=None, expert_ratio=None, active_scales=None) ->
     """--token-ratio / --expert-ratio / --active-scales as a dict of overrides (None: keep the checkpoint's)."""
     ov = {"token_ratio": token_ratio, "expert_ratio": expert_ratio,
           "active_scales": None if active_scales is None else tuple(ints(active_scales, "--active-scales"))}
-    for k, v in ov.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ActVarError(f"invalid --{k.replace('_', '-')} {v}: must be in (0, 1]")
-    ActVarConfig(**{k: v for k, v in ov.items() if v is not None})      # range checks, with the option's value
+    for k in ("token_ratio", "expert_ratio"):
+        if ov[k] is not None and not 0 < ov[k] <= 1:
+            raise ActVarError(f"invalid --{k.replace('_', '-')} {ov[k]}: must be in (0, 1]")
+    if ov["active_scales"] is not None:
+        ActVarConfig(active_scales=ov["active_scales"])        # range and duplicates
     return ov
 
 
@@ -153,7 +154,7 @@ def _writable_dir(d: Path, option: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise write_error(os_error_in(e), a) from None
+        raise ActVarError(f"{option} {d}: cannot write in {a}: {reason(e)}") from None
 
 
 def output_file(path, option: str, inputs: Iterable = ()) -> Path:
@@ -164,8 +165,8 @@ def output_file(path, option: str, inputs: Iterable = ()) -> Path:
         raise ActVarError(f"{option} {path}: is a directory; give a file name")
     r = p.resolve()
     for i in inputs:
-        if i is not None and Path(i).exists() and _inside(Path(i).resolve(), r):
-            raise ActVarError(f"{option} {path}: is an input of this command ({i}); choose another file")
+        if i is not None and Path(i).exists() and _inside(r, Path(i).resolve()):
+            raise ActVarError(f"{option} {path}: is (inside) an input of this command ({i}); choose another file")
     _writable_dir(r.parent, option)
     return p
 
