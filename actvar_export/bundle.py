@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, TOPK_LIMIT_TRT, cache_len_after
+from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, cache_len_after
 from .errors import ActVarError, BundleError
 from .fsutil import default_mode, os_error_in, remove_stale, temp_prefix, write_error
 

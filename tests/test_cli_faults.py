@@ -151,6 +151,7 @@ CASES = [
     ("sample-neither", ["sample", "--out", "{out}/g.png"], ["exactly one"]),
     ("sample-both", ["sample", "--ckpt", CK, "--bundle", BU, "--out", "{out}/g.png"], ["exactly one"]),
     ("sample-device", ["sample", "--ckpt", CK, "--device", "foo", "--out", "{out}/g.png"], ["--device 'foo'"]),
+    ("sample-device-index", ["sample", "--ckpt", CK, "--device", "cuda:99", "--out", "{out}/g.png"], ["--device cuda:99"]),
     ("sample-cfg-nan", ["sample", "--ckpt", CK, "--cfg", "nan", "--out", "{out}/g.png"], ["--cfg nan"]),
     ("sample-top-p", ["sample", "--ckpt", CK, "--top-p", "2", "--out", "{out}/g.png"], ["--top-p 2"]),
     ("sample-top-k", ["sample", "--ckpt", CK, "--top-k", "-1", "--out", "{out}/g.png"], ["--top-k -1"]),
@@ -275,11 +276,11 @@ def _temps(out: Path):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_signal_during_build(sig, d8, tmp_path):
     """A d8 build killed while writing its temporary directory: SIGTERM/SIGHUP clean up and exit with
-    128 + signum; after SIGKILL the directory stays, and the next build of the same --out removes it
-    (but not the temporary directory of a live build) and succeeds."""
+    128 + signum, SIGINT (Ctrl-C) cleans up and exits with 1; after SIGKILL the directory stays, and the
+    next build of the same --out removes it (but not the temporary directory of a live build) and succeeds."""
     out = tmp_path / "bundle"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(_build_cmd(d8, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -293,6 +294,10 @@ def test_signal_during_build(sig, d8, tmp_path):
     assert not out.exists()
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL and _temps(out)
+    elif sig == signal.SIGINT:
+        assert proc.returncode == 1 and "Aborted!" in err and "Traceback" not in err, err
+        assert _temps(out) == []
+        return
     else:
         assert proc.returncode == 128 + sig, err
         assert f"Aborted by {sig.name}" in err and "Traceback" not in err, err
