@@ -145,7 +145,11 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)         # the old bundle stays in place
+                raise
             tmp = old                   # removed below, like a failed build's directory
         else:
             tmp.rename(out)
