@@ -94,8 +94,8 @@ def init_ckpt(depth, dense, experts, seed, out):
 
 
 @main.command()
-@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="VAR/ActVAR checkpoint (reference generation); give this or --bundle.")
-@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="A bundle directory from `build`: generate through ONNX Runtime instead (noise sampler).")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="VAR/ActVAR checkpoint (reference generation)  [required unless --bundle]")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="A bundle directory from `build`: generate through ONNX Runtime instead (noise sampler)  [required unless --ckpt]")
 @click.option("--providers", default=None, help="With --bundle: ONNX Runtime providers, e.g. 'cuda,cpu'  [default: CUDA if available, else CPU]")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict (vae_ch160v4096z32.pth)  [default: the checkpoint's own]")
 @click.option("--classes", default="207,360,387,974,88,979,417,279", show_default=True, help="ImageNet class ids (0..999), comma separated.")
@@ -298,8 +298,8 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
 
 
 @main.command()
-@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Checkpoint to inspect; give this or --depth.")
-@click.option("--depth", type=int, default=None, help="Without --ckpt: an official-shape model of this depth (analytic).")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Checkpoint to inspect  [required unless --depth]")
+@click.option("--depth", type=int, default=None, help="Without --ckpt: an official-shape model of this depth (analytic)  [required unless --ckpt]")
 @click.option("--experts", type=int, default=16, show_default=True, help="With --depth: number of experts; must divide 256·depth.")
 @_apply(actvar_options)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table  [default: table]")

@@ -309,3 +309,21 @@ def test_signal_during_build(sig, d8, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _temps(out) == [live.name]
     Bundle.open(out)
+
+
+def test_help_teaches():
+    """Every option says what it does and its default (or that it is required); each command shows an
+    example; the top-level help lists each command once."""
+    import click
+    top = run("--help").output
+    for name, cmd in main.commands.items():
+        assert sum(l.split()[:1] == [name] for l in top.splitlines()) == 1, (name, top)
+        text = run(name, "--help").output
+        assert "Example" in text, name
+        for p in cmd.params:
+            if not isinstance(p, click.Option) or p.name == "help":
+                continue
+            assert p.help, (name, p.name)
+            shown = p.required or "[default:" in p.help or "[required unless" in p.help or \
+                (p.show_default and p.default is not None)
+            assert shown, (name, p.name, "no default in its help")
