@@ -311,6 +311,19 @@ def test_signal_during_build(sig, d8, tmp_path):
     Bundle.open(out)
 
 
+def test_sigterm_during_init_ckpt(tmp_path):
+    """init-ckpt stopped while it computes: exit 128 + SIGTERM, no file and no temporary file."""
+    out = tmp_path / "a.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "actvar_export", "init-ckpt", "--depth", "2", "--out", str(out)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
+    assert "random weights" in proc.stderr.readline()       # printed once the options are checked
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, err
+    assert "Aborted by SIGTERM" in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
 def test_help_teaches():
     """Every option says what it does and its default (or that it is required); each command shows an
     example; the top-level help lists each command once."""
