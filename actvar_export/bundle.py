@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, TOPK_LIMIT_TRT, cache_len_after
+from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, cache_len_after
 from .errors import ActVarError, BundleError
+from .fsutil import default_mode, os_error_in, remove_stale, temp_prefix, write_error
 
 MANIFEST = "manifest.json"
+DIGESTS = "manifest.sha256.json"    # sha256 of each manifest field: an edited manifest names the field
 FORMAT = 1
 DECODER = "decoder.onnx"
+GRAPHS_SHARE = 1.05                 # bundle bytes / weights bytes: the graphs take < 2 % (tests/test_export.py)
 
 
 def step_file(si: int) -> str:
@@ -66,27 +69,28 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES
     from .export.step import LOWERINGS, build_step, io_shapes
     from .export.weights import WEIGHTS_FILE, WeightStore
+    from . import options
 
     out = Path(out)
     if precision not in PRECISION_TYPES:
         raise ActVarError(f"unknown precision {precision!r}: choose fp32, fp16 or bf16")
     if lowering not in LOWERINGS:
         raise ActVarError(f"unknown lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
-    if not 1 <= batch <= 1024:
-        raise ActVarError(f"invalid batch {batch}: must be 1..1024")
-    if not 1 <= top_k <= TOPK_LIMIT_TRT:
-        raise ActVarError(f"invalid top-k {top_k}: exported graphs need 1 <= top_k <= {TOPK_LIMIT_TRT} "
-                          f"(TensorRT's TopK limit); the reference sampler accepts 0 (disabled)")
-    if out.exists() and not force:
-        raise ActVarError(f"{out} exists: pass --force to replace it")
+    options.batch(batch)
+    options.top_k_build(top_k)
+    options.output_bundle(out, force, inputs=(ckpt, vae))
     ck = load_checkpoint(ckpt, vae, overrides)
     if ck.vae_sd is None:
         raise ActVarError(f"{ckpt}: no VQVAE weights: pass --vae vae_ch160v4096z32.pth")
+    store = WeightStore(ck.var_sd, ck.vae_sd, precision)
+    remove_stale(out)
+    options.free_space(out.parent, int(store.total_bytes * GRAPHS_SHARE) + (1 << 20))
     spec = ck.spec
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = None
     try:
-        store = WeightStore(ck.var_sd, ck.vae_sd, precision)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent))
+        default_mode(tmp)
         with tqdm(total=store.total_bytes, unit="B", unit_scale=True, desc="weights", disable=not show_progress,
                   file=sys.stderr) as bar:
             weights_sha = store.write(tmp / WEIGHTS_FILE, progress=bar.update)
@@ -137,18 +141,28 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             "versions": _versions(), "export_seconds": timings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "weights_bytes": store.total_bytes,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_manifest(tmp, manifest)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)         # the old bundle stays in place
+                raise
+            tmp = old                   # removed below, like a failed build's directory
         else:
             tmp.rename(out)
-        return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+    except BaseException as e:
+        ose = os_error_in(e)
+        if ose is not None and not isinstance(e, ActVarError):
+            raise write_error(ose, out) from None
         raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 @dataclass
@@ -165,34 +179,35 @@ class Bundle:
 
     @classmethod
     def open(cls, path, verify: bool = True, show_progress: bool = False) -> "Bundle":
-        """Check that every file named by the manifest exists with its size and sha256."""
+        """Read the manifest, check it against its field digests and that every file it names exists
+        with its size; with verify, also each file's sha256 (`verify()`)."""
         path = Path(path)
-        mpath = path / MANIFEST
+        if path.exists() and not path.is_dir():
+            raise BundleError(f"{path}: is a file; --bundle takes the directory `build` wrote")
         if not path.is_dir():
             raise BundleError(f"{path}: no such bundle directory")
-        if not mpath.exists():
-            raise BundleError(f"{mpath}: missing manifest: not a bundle (or an unfinished build)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
-            raise BundleError(f"{mpath}: not a bundle manifest of format {FORMAT}")
+        manifest = read_manifest(path)
+        _check_digests(path, manifest)
         for name, meta in manifest["files"].items():
             p = path / name
             if not p.exists():
                 raise BundleError(f"{p}: file listed in the manifest is missing")
             if p.stat().st_size != meta["bytes"]:
                 raise BundleError(f"{p}: size {p.stat().st_size} differs from the manifest's {meta['bytes']} (truncated or modified)")
+        b = cls(path=path, manifest=manifest)
         if verify:
-            from tqdm import tqdm
-            total = sum(m["bytes"] for m in manifest["files"].values())
-            with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not show_progress,
-                      file=sys.stderr) as bar:
-                for name, meta in manifest["files"].items():
-                    if sha256_file(path / name, bar.update) != meta["sha256"]:
-                        raise BundleError(f"{path / name}: checksum differs from the manifest (modified or corrupt)")
-        return cls(path=path, manifest=manifest)
+            b.verify(show_progress)
+        return b
+
+    def verify(self, show_progress: bool = False) -> None:
+        """Every file's sha256 against the manifest."""
+        from tqdm import tqdm
+        files = self.manifest["files"]
+        with tqdm(total=sum(m["bytes"] for m in files.values()), unit="B", unit_scale=True, desc="verify",
+                  disable=not show_progress, file=sys.stderr) as bar:
+            for name, meta in files.items():
+                if sha256_file(self.path / name, bar.update) != meta["sha256"]:
+                    raise BundleError(f"{self.path / name}: checksum differs from the manifest (modified or corrupt)")
 
     def check_checkpoint(self, ckpt: Path) -> None:
         """Refuse a checkpoint other than the one the bundle was built from."""
@@ -203,3 +218,65 @@ class Bundle:
         if ckpt.stat().st_size != want["bytes"] or sha256_file(ckpt) != want["sha256"]:
             raise BundleError(f"{self.path / MANIFEST}: built from another checkpoint "
                               f"(sha256 {want['sha256'][:12]}…), not {ckpt}")
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = Path(path) / MANIFEST
+    if not mpath.exists():
+        raise BundleError(f"{mpath}: missing manifest: not a bundle (or an unfinished build)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{mpath}: not a bundle manifest of format {FORMAT}")
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """manifest.json and its field digests (inside a build's temporary directory)."""
+    (Path(path) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (Path(path) / DIGESTS).write_text(json.dumps(field_digests(manifest), indent=1))
+
+
+def is_bundle(path: Path) -> bool:
+    """A directory `build` wrote: its manifest.json is one of this format."""
+    try:
+        read_manifest(path)
+        return True
+    except BundleError:
+        return False
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def field_digests(manifest: dict) -> Dict[str, str]:
+    """sha256 of every manifest field, one level into objects ('batch', 'model.depth', 'graphs.step_0')."""
+    out = {}
+    for k, v in manifest.items():
+        if isinstance(v, dict) and v:
+            out.update({f"{k}.{k2}": _digest(v2) for k2, v2 in v.items()})
+        else:
+            out[k] = _digest(v)
+    return out
+
+
+def _check_digests(path: Path, manifest: dict) -> None:
+    """An edited manifest (still valid JSON) is refused, naming the first field that changed."""
+    dpath = path / DIGESTS
+    try:
+        want = json.loads(dpath.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{dpath}: missing: the manifest cannot be checked (rebuild the bundle)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{dpath}: unreadable ({e})") from None
+    got = field_digests(manifest)
+    if not isinstance(want, dict):
+        raise BundleError(f"{dpath}: not a digest table")
+    for field in list(want) + [f for f in got if f not in want]:
+        if got.get(field) != want.get(field):
+            what = "was removed" if field not in got else "was added" if field not in want else "was edited"
+            raise BundleError(f"{path / MANIFEST}: field '{field}' {what} after the build (its sha256 differs from "
+                              f"{DIGESTS}); rebuild the bundle or restore the manifest")

@@ -2,6 +2,7 @@
 and random-weight checkpoints in the official layout (`init-ckpt`)."""
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import ActVarConfig, ModelSpec, VarConfig
-from .errors import CheckpointError
+from .errors import ActVarError, CheckpointError
 from .fsutil import atomic_write
 from .model import VAR
 from .vqvae import VQVAE
@@ -75,12 +76,18 @@ def _torch_load(path: Path):
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise CheckpointError(f"{path}: refused to unpickle arbitrary objects (loaded with weights_only=True); "
                                   f"a checkpoint must hold only tensors and plain containers") from None
-        detail = next((l.strip() for l in str(e).splitlines() if l.startswith("Unsupported")), _first_line(e))
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({detail})") from None
+        raise CheckpointError(_foreign(path)) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... for foreign bytes
         if is_zip:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(_foreign(path)) from None
+
+
+def _foreign(path: Path) -> str:
+    if path.stat().st_size == 0:
+        return f"{path}: empty file, not a PyTorch checkpoint"
+    return (f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor a legacy "
+            f"pickle of tensors)")
 
 
 def _first_line(e: BaseException) -> str:
@@ -150,8 +157,13 @@ def infer_spec(sd: Dict[str, torch.Tensor], settings: Optional[dict], path: Path
         if "num_experts" in d and d["num_experts"] != n:
             raise CheckpointError(f"{path}: settings say {d['num_experts']} experts but router has {n} rows")
         d["num_experts"] = n
-        d.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        act = ActVarConfig.from_dict(d)
+        try:
+            act = ActVarConfig.from_dict(d)
+        except ActVarError as e:
+            raise CheckpointError(f"{path}: stored ActVAR settings: {e}") from None
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if given:
+            act = ActVarConfig.from_dict(act.to_dict() | given)
         if (4 * width) % n:
             raise CheckpointError(f"{path}: {n} experts do not divide the FFN hidden size {4 * width}")
     elif settings:
@@ -197,5 +209,12 @@ def build_models(ck: LoadedCheckpoint, device="cpu"):
 
 
 def save_atomic(obj, out: Path) -> None:
-    """torch.save to a temporary file beside `out`, then rename: never a half-written file."""
-    atomic_write(out, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file beside `out`, then rename: never a half-written file.
+    Saved through a file object, so the archive's root is torch's fixed name rather than the temporary
+    file's random one: the same object gives the same bytes."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(out, write)

@@ -2,43 +2,41 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from . import options as opt
 from .errors import ActVarError
+from .interrupt import Terminated, signals_raise
 
 RANDOM_WARNING = "NOTE: random weights — this is not a trained model; images will be noise-like textures."
 
 
 class _Group(click.Group):
-    """User errors (ActVarError) become one line on stderr and exit code 1, never a traceback."""
+    """User errors (ActVarError) and file system faults become one line on stderr and exit code 1,
+    never a traceback; SIGTERM/SIGHUP run the cleanup and exit with 128 + signum."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with signals_raise():
+                return super().invoke(ctx)
         except ActVarError as e:
             raise click.ClickException(str(e)) from None
-
-
-def _ints(text: str, what: str):
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise ActVarError(f"invalid {what} {text!r}: expected integers separated by commas") from None
-
-
-def _overrides(token_ratio, expert_ratio, active_scales):
-    return {"token_ratio": token_ratio, "expert_ratio": expert_ratio,
-            "active_scales": None if active_scales is None else tuple(_ints(active_scales, "active scales"))}
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or 'a file'}: {e.strerror or e}") from None
+        except Terminated as e:
+            click.echo(f"Aborted by {signal.Signals(e.signum).name}.", err=True)
+            ctx.exit(128 + e.signum)
 
 
 actvar_options = [
-    click.option("--token-ratio", type=float, default=None, help="Override ρ_t, the share of tokens each ActVAR block updates (0, 1]."),
-    click.option("--expert-ratio", type=float, default=None, help="Override ρ_w, the share of experts each token uses (0, 1]."),
-    click.option("--active-scales", default=None, help="Override the 0-based scales with dynamic activation, e.g. '8,9'."),
+    click.option("--token-ratio", type=float, default=None, help="Override ρ_t, the share of tokens each ActVAR block updates, in (0, 1]  [default: the checkpoint's]"),
+    click.option("--expert-ratio", type=float, default=None, help="Override ρ_w, the share of experts each token uses, in (0, 1]  [default: the checkpoint's]"),
+    click.option("--active-scales", default=None, help="Override the 0-based scales with dynamic activation, e.g. '8,9'  [default: the checkpoint's]"),
 ]
 
 
@@ -56,36 +54,37 @@ def main():
     """Compile ActVAR / VAR image generators for deployment.
 
     \b
-    init-ckpt  make a RANDOM-weight checkpoint in the official layout (for trying things out)
-    build      export per-scale ONNX step graphs + decoder + one weights file into a bundle
-    validate   prove a bundle matches the PyTorch reference (teacher forcing + end to end)
-    sample     generate images with the PyTorch reference, or with a bundle (--bundle)
-    inspect    sizes, ActVAR settings, static top-k sizes and FLOPs of a checkpoint
-    engines    parse a bundle's graphs with TensorRT (plugins for --lowering plugin) and serialize engines
+    Example (a random-weight d4 model, its bundle, proof and images):
+      actvar-export init-ckpt --depth 4 --out demo/d4.pt
+      actvar-export build --ckpt demo/d4.pt --out demo/bundle --batch 4 --precision fp32
+      actvar-export validate --bundle demo/bundle --ckpt demo/d4.pt
+      actvar-export sample --bundle demo/bundle --out demo/grid.png
     """
 
 
 @main.command("init-ckpt")
 @click.option("--depth", type=int, required=True, help="VAR depth: 16/20/24/30 give the official shapes; 2-4 are for tests.")
-@click.option("--dense", is_flag=True, help="Plain VAR (no selector/router keys).")
-@click.option("--experts", type=int, default=16, show_default=True, help="Number of FFN experts N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--dense", is_flag=True, help="Plain VAR (no selector/router keys)  [default: ActVAR]")
+@click.option("--experts", type=int, default=16, show_default=True, help="Number of FFN experts N; must divide 256·depth.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights: the same arguments give the same file bytes.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write (temporary file + rename).")
 def init_ckpt(depth, dense, experts, seed, out):
     """Write a RANDOM-WEIGHT checkpoint (not a trained model).
 
     The file holds {"model": VAR state dict in the official layout (+ ActVAR selector/router
     keys unless --dense), "actvar": settings, "vae": a full VQVAE state dict, "info": note}.
     Weights are scaled so every block changes its input substantially (no vacuous model).
+
+    \b
+    Example:
+      actvar-export init-ckpt --depth 4 --seed 0 --out demo/d4.pt
     """
     from .checkpoint import save_atomic
-    from .config import ActVarConfig, VarConfig
     from .init import init_checkpoint
-    VarConfig(depth=depth)
+    opt.depth(depth)
     if not dense:
-        ActVarConfig(num_experts=experts)
-        if (256 * depth) % experts:
-            raise ActVarError(f"{experts} experts do not divide the FFN hidden size {256 * depth}")
+        opt.experts(depth, experts)
+    opt.output_file(out, "--out")
     click.echo(RANDOM_WARNING, err=True)
     t = time.time()
     ck = init_checkpoint(depth, dense=dense, experts=experts, seed=seed)
@@ -95,37 +94,52 @@ def init_ckpt(depth, dense, experts, seed, out):
 
 
 @main.command()
-@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="VAR/ActVAR checkpoint (reference generation).")
-@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="A bundle from `build`: generate through ONNX Runtime instead (noise sampler).")
-@click.option("--providers", default=None, help="With --bundle: ONNX Runtime providers, e.g. 'cuda,cpu' (default: CUDA if available, else CPU).")
-@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict (vae_ch160v4096z32.pth) unless the checkpoint holds one.")
-@click.option("--classes", default="207,360,387,974,88,979,417,279", show_default=True, help="ImageNet class ids, comma separated.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength.")
-@click.option("--top-k", type=int, default=900, show_default=True, help="0 disables.")
-@click.option("--top-p", type=float, default=0.96, show_default=True, help="0 disables.")
-@click.option("--sampler", type=click.Choice(["official", "noise"]), default="official", show_default=True,
-              help="official: torch.multinomial stream (bit-compatible with VAR); noise: inverse CDF from seeded uniforms (reproducible across backends).")
-@click.option("--more-smooth", is_flag=True, help="VAR's Gumbel smoothing (visualisation only; official sampler).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Autocast precision.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="VAR/ActVAR checkpoint (reference generation)  [required unless --bundle]")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="A bundle directory from `build`: generate through ONNX Runtime instead (noise sampler)  [required unless --ckpt]")
+@click.option("--providers", default=None, help="With --bundle: ONNX Runtime providers, e.g. 'cuda,cpu'  [default: CUDA if available, else CPU]")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict (vae_ch160v4096z32.pth)  [default: the checkpoint's own]")
+@click.option("--classes", default="207,360,387,974,88,979,417,279", show_default=True, help="ImageNet class ids (0..999), comma separated.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler (with --bundle: of chunk i, seed + i).")
+@click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength (finite, >= 0).")
+@click.option("--top-k", type=int, default=None, help="Top-k of the sampler; 0 disables (--ckpt only)  [default: 900 with --ckpt, the bundle's static top-k with --bundle]")
+@click.option("--top-p", type=float, default=0.96, show_default=True, help="Top-p in [0, 1]; 0 disables.")
+@click.option("--sampler", type=click.Choice(["official", "noise"]), default=None,
+              help="official: torch.multinomial stream (bit-compatible with VAR); noise: inverse CDF from seeded uniforms "
+                   "(reproducible across backends)  [default: official with --ckpt, noise with --bundle (its only sampler)]")
+@click.option("--more-smooth", is_flag=True, help="VAR's Gumbel smoothing (visualisation only; official sampler)  [default: off]")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Autocast precision (--ckpt only).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (--ckpt only).")
 @_apply(actvar_options)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
 def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device,
            token_ratio, expert_ratio, active_scales, out):
     """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
-    through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle)."""
+    through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle).
+
+    \b
+    Examples:
+      actvar-export sample --ckpt demo/d4.pt --classes 1,2 --sampler noise --out ref.png
+      actvar-export sample --bundle demo/bundle --classes 1,2,3,4 --out grid.png
+    """
     if (ckpt is None) == (bundle is None):
         raise ActVarError("give exactly one of --ckpt FILE (reference) or --bundle DIR (ONNX Runtime)")
+    opt.cfg(cfg)
+    opt.top_p(top_p)
+    labels = opt.classes(classes)
+    opt.output_file(out, "--out", inputs=(ckpt, vae, bundle))
     if bundle is not None:
         ctx = click.get_current_context()
         given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        if sampler != "noise" and given("sampler") or more_smooth:
+        if sampler not in (None, "noise") or more_smooth:
             raise ActVarError("a bundle implements the noise sampler only (drop --sampler official / --more-smooth)")
         for name in ("vae", "precision", "device", "token_ratio", "expert_ratio", "active_scales"):
             if given(name):
                 raise ActVarError(f"--{name.replace('_', '-')} applies to --ckpt only: a bundle fixes it at build time")
-        return _sample_bundle(bundle, providers, classes, seed, cfg, top_k if given("top_k") else None, top_p, out)
+        return _sample_bundle(bundle, opt.providers(providers), labels, seed, cfg, top_k, top_p, out)
+    top_k = opt.top_k_reference(900 if top_k is None else top_k)
+    sampler = sampler or "official"
+    dev = opt.device(device)
+    ov = opt.actvar_overrides(token_ratio, expert_ratio, active_scales)
     import torch
     from tqdm import tqdm
     from .checkpoint import build_models, load_checkpoint
@@ -134,11 +148,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     from .images import save_grid
     from .sampling import noise_for
     settings = SampleSettings(cfg=cfg, top_k=top_k, top_p=top_p, sampler=sampler, more_smooth=more_smooth)
-    labels = _ints(classes, "classes")
-    if not labels or any(not 0 <= c < 1000 for c in labels):
-        raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
-    dev = _device(device)
-    ck = load_checkpoint(ckpt, vae, _overrides(token_ratio, expert_ratio, active_scales))
+    ck = load_checkpoint(ckpt, vae, ov)
     random_note = ck.info is not None
     model, v = build_models(ck, dev)
     label_B = torch.tensor(labels, device=dev)
@@ -159,20 +169,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         click.echo(RANDOM_WARNING, err=True)
 
 
-def _providers(text):
-    if text is None:
-        return None
-    names = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-    out = []
-    for t in text.split(","):
-        t = t.strip().lower()
-        if t not in names:
-            raise ActVarError(f"unknown provider {t!r}: use cuda, cpu or tensorrt")
-        out.append(names[t])
-    return out
-
-
-def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
+def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out):
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -182,16 +179,12 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
     from .runtime.loop import run_bundle
     from .runtime.ort_backend import OrtBackend
     from .sampling import noise_for
-    b = Bundle.open(bundle, show_progress=True)
-    if top_k is not None and top_k != b.manifest["top_k"]:
-        raise ActVarError(f"the bundle was built with top-k {b.manifest['top_k']} (static in its graphs); "
-                          f"rebuild with --top-k {top_k}")
-    labels = _ints(classes, "classes")
-    if not labels or any(not 0 <= c < 1000 for c in labels):
-        raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
+    b = Bundle.open(bundle, verify=False)
+    opt.top_k_bundle(top_k, b.manifest["top_k"])
+    b.verify(show_progress=True)
     B = b.batch
     images, t = [], time.time()
-    backend = OrtBackend(b, _providers(providers))
+    backend = OrtBackend(b, providers)
     chunks = [labels[i:i + B] for i in range(0, len(labels), B)]
     bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
     for ci, chunk in enumerate(chunks):
@@ -209,8 +202,8 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
 
 @main.command()
 @click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="VAR/ActVAR checkpoint.")
-@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict unless the checkpoint holds one.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict  [default: the checkpoint's own]")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write (a new one, or a bundle with --force).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per run (CFG doubles the sequences inside).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True,
               help="Precision written into the graphs (matmuls; norms, softmax, sampler and f_hat stay fp32).")
@@ -218,38 +211,54 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
               help="portable: standard ONNX ops only; plugin: ActVarTokenScatter / ActVarExpertFFN nodes for TensorRT plugins.")
 @click.option("--top-k", type=int, default=900, show_default=True, help="Static top-k of the graphs' sampler (1..3840).")
 @_apply(actvar_options)
-@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle, never a directory holding an input)  [default: off]")
 def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert_ratio, active_scales, force):
     """Export a deploy bundle: one ONNX step graph per scale (static shapes for --batch, fixed
     K_t/K_w, KV cache as one packed tensor, CFG + noise sampler + f_hat update + next input inside),
     the VQVAE decoder graph, weights.bin (every weight once, shared by all graphs) and manifest.json
     (config, static sizes, versions, sha256 of every file and of the checkpoint). Written to a
-    temporary directory and renamed when complete."""
+    temporary directory and renamed when complete.
+
+    \b
+    Example:
+      actvar-export build --ckpt demo/d4.pt --out demo/bundle --batch 4 --precision fp32
+    """
     from .bundle import build_bundle
     t = time.time()
     p = build_bundle(ckpt, out, vae=vae, batch=batch, precision=precision, lowering=lowering, top_k=top_k,
-                     force=force, overrides=_overrides(token_ratio, expert_ratio, active_scales))
+                     force=force, overrides=opt.actvar_overrides(token_ratio, expert_ratio, active_scales))
     size = sum(f.stat().st_size for f in p.iterdir())
     click.echo(f"wrote {p}: 10 step graphs + decoder, {size / 1e6:.1f} MB, {precision}, {lowering}, batch {batch} ({time.time() - t:.1f}s)")
 
 
 @main.command()
-@click.option("--bundle", type=click.Path(path_type=Path), required=True)
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle directory from `build`.")
 @click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="The checkpoint the bundle was built from.")
-@click.option("--vae", type=click.Path(path_type=Path), default=None)
-@click.option("--classes", default=None, help="Class ids (as many as the bundle's batch; default: 0, 1, ...).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict  [default: the checkpoint's own]")
+@click.option("--classes", default=None, help="Class ids, as many as the bundle's batch  [default: 0, 1, ...]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the uniforms u fed to both sides.")
-@click.option("--cfg", type=float, default=1.5, show_default=True)
-@click.option("--top-p", type=float, default=0.96, show_default=True)
-@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. 'cpu' or 'cuda,cpu'.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
-@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write reference vs bundle images side by side.")
+@click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength (finite, >= 0).")
+@click.option("--top-p", type=float, default=0.96, show_default=True, help="Top-p in [0, 1]; 0 disables.")
+@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. 'cpu' or 'cuda,cpu'  [default: CUDA if available, else CPU]")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON  [default: none]")
+@click.option("--grid", type=click.Path(path_type=Path), default=None, help="Write reference vs bundle images side by side (PNG)  [default: none]")
 def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid):
     """Prove a bundle matches the PyTorch reference. Each scale's graph gets the reference's own
     inputs (teacher forcing); continuous outputs are compared with a tolerance set by the precision,
     discrete ones (tokens, experts, sampled ids) must agree except where the reference's own margin
     is below tolerance. End to end, both sides sample from the same uniforms: token agreement and
-    image PSNR. All failures are reported before exiting with 1."""
+    image PSNR. All failures are reported before exiting with 1.
+
+    \b
+    Example:
+      actvar-export validate --bundle demo/bundle --ckpt demo/d4.pt --grid demo/compare.png
+    """
+    opt.cfg(cfg)
+    opt.top_p(top_p)
+    for path, option in ((json_out, "--json"), (grid, "--grid")):
+        if path is not None:
+            opt.output_file(path, option, inputs=(bundle, ckpt, vae))
+    prov = opt.providers(providers)
     import torch
     from tqdm import tqdm
     from .bundle import Bundle
@@ -257,15 +266,14 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     from .generate import SampleSettings
     from .runtime.ort_backend import OrtBackend
     from .validate import ValidationError, validate_bundle
-    b = Bundle.open(bundle, show_progress=True)
+    b = Bundle.open(bundle, verify=False)
+    labels = opt.classes(classes, b.batch) if classes is not None else [i % 1000 for i in range(b.batch)]
+    b.verify(show_progress=True)
     b.check_checkpoint(ckpt)
-    backend = OrtBackend(b, _providers(providers))
+    backend = OrtBackend(b, prov)
     m = b.manifest
     ov = m["actvar"] and {k: m["actvar"][k] for k in ("token_ratio", "expert_ratio")} | {"active_scales": tuple(m["actvar"]["active_scales"])}
     model, v = build_models(load_checkpoint(ckpt, vae, ov or None))
-    labels = _ints(classes, "classes") if classes else [i % 1000 for i in range(b.batch)]
-    if len(labels) != b.batch or any(not 0 <= c < 1000 for c in labels):
-        raise ActVarError(f"--classes: the bundle was built for batch {b.batch}: give {b.batch} ImageNet ids (0..999)")
     settings = SampleSettings(cfg=cfg, top_k=m["top_k"], top_p=top_p, sampler="noise")
     bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
     rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
@@ -289,28 +297,28 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     click.echo("all checks passed")
 
 
-def _device(device: str):
-    import torch
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ActVarError(f"device {device!r} requested but CUDA is not available here")
-    return dev
-
-
 @main.command()
-@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Checkpoint to inspect.")
-@click.option("--depth", type=int, default=None, help="Without --ckpt: an official-shape model of this depth (analytic).")
-@click.option("--experts", type=int, default=16, show_default=True, help="With --depth: number of experts.")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Checkpoint to inspect  [required unless --depth]")
+@click.option("--depth", type=int, default=None, help="Without --ckpt: an official-shape model of this depth (analytic)  [required unless --ckpt]")
+@click.option("--experts", type=int, default=16, show_default=True, help="With --depth: number of experts; must divide 256·depth.")
 @_apply(actvar_options)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table  [default: table]")
 def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_json):
     """Depth, width, parameters, ActVAR settings, static top-k sizes and analytic FLOPs per image
-    per scale (with CFG) for dense VAR and ActVAR, with the saving against the paper's figure."""
+    per scale (with CFG) for dense VAR and ActVAR, with the saving against the paper's figure.
+
+    \b
+    Examples:
+      actvar-export inspect --depth 30
+      actvar-export inspect --ckpt demo/d4.pt --json
+    """
     from .config import ActVarConfig, ModelSpec, VarConfig
     from .flops import report
-    ov = _overrides(token_ratio, expert_ratio, active_scales)
+    ov = opt.actvar_overrides(token_ratio, expert_ratio, active_scales)
     if (ckpt is None) == (depth is None):
         raise ActVarError("give exactly one of --ckpt FILE or --depth N")
+    if depth is not None:
+        opt.experts(depth, experts)
     if ckpt is not None:
         from .checkpoint import load_checkpoint
         ck = load_checkpoint(ckpt, None, ov)
@@ -353,14 +361,19 @@ def inspect(ckpt, depth, experts, token_ratio, expert_ratio, active_scales, as_j
 
 @main.command()
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
-@click.option("--graphs", default=None, help="Comma-separated graph names (default: all), e.g. 'step_0,step_9,decoder'.")
+@click.option("--graphs", default=None, help="Comma-separated graph names, e.g. 'step_0,step_9,decoder'  [default: all]")
 def engines(bundle, graphs):
     """Parse each graph of a bundle with TensorRT (`tensorrt` if installed, else TensorRT-RTX), check
     that every ActVarTokenScatter / ActVarExpertFFN node became a plugin layer of libactvar_trt_plugins.so
     (plugin bundles; ACTVAR_TRT_PLUGIN_LIB or build/plugins/trt/) and
     that inputs/outputs have the manifest's dtypes, build strongly typed serialized engines and write
     <graph>.engine files + engines.json into the bundle (manifest.json is not modified). The engines
-    are built only: nothing here runs them."""
+    are built only: nothing here runs them.
+
+    \b
+    Example:
+      actvar-export engines --bundle demo/bundle --graphs step_0,decoder
+    """
     from .trt.engines import ENGINES_JSON, build_engines
     t = time.time()
     names = [g for g in graphs.split(",") if g.strip()] if graphs is not None else None

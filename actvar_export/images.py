@@ -34,4 +34,4 @@ def save_grid(images_B3HW: torch.Tensor, out: Path, labels: Optional[Sequence[st
         canvas.paste(Image.fromarray(imgs[i]), (x, y))
         if labels:
             draw.text((x + 2, y + H + 2), str(labels[i]), fill="black")
-    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")
+    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))

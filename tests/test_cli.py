@@ -59,12 +59,12 @@ def test_init_ckpt_help_says_random():
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--token-ratio", "1.5"], ["token ratio", "1.5"]),
-    (["--expert-ratio", "0"], ["expert ratio"]),
+    (["--token-ratio", "1.5"], ["--token-ratio", "1.5"]),
+    (["--expert-ratio", "0"], ["--expert-ratio"]),
     (["--active-scales", "8,12"], ["active scale 12"]),
-    (["--active-scales", "x"], ["active scales"]),
-    (["--classes", "1000"], ["classes"]),
-    (["--top-p", "2"], ["top-p"]),
+    (["--active-scales", "x"], ["--active-scales"]),
+    (["--classes", "1000"], ["--classes"]),
+    (["--top-p", "2"], ["--top-p"]),
 ])
 def test_sample_bad_options(actvar_ckpt, tmp_path, args, needles):
     assert_one_line_error(run("sample", "--ckpt", actvar_ckpt, "--out", tmp_path / "x.png", *args), *needles)

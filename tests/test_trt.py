@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from actvar_export.bundle import Bundle, build_bundle
+from actvar_export.bundle import Bundle, build_bundle, write_manifest
 from actvar_export.errors import ActVarError
 
 FP16 = "fp16"
@@ -301,7 +301,7 @@ def fake_bundle(root, graphs, precision="fp16", lowering="plugin"):
         man["graphs"][name] = {"file": f"{name}.onnx", "inputs": {k: list(v) for k, v in ins.items()},
                                "outputs": {k: list(v) for k, v in outs.items()}}
         man["files"][f"{name}.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (root / "manifest.json").write_text(json.dumps(man))
+    write_manifest(root, man)
     return root
 
 

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, List, Optional
 
 from ..errors import ActVarError
 from ..bundle import sha256_file
-from ..fsutil import default_mode, write_json_atomic
+from ..fsutil import default_mode, remove_stale, temp_prefix, write_json_atomic
 
 ENGINES_JSON = "engines.json"
 ENGINES_FORMAT = 1
@@ -185,7 +185,8 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
         for n in todo:
             tmp = None
             if not parse_only:
-                fd, tmp = tempfile.mkstemp(prefix=f".{engine_file(n)}.", suffix=".tmp", dir=b.path)
+                remove_stale(b.path / engine_file(n))
+                fd, tmp = tempfile.mkstemp(prefix=temp_prefix(b.path / engine_file(n)), suffix=".tmp", dir=b.path)
                 os.close(fd)
                 tmp_engines.append(Path(tmp))
             spec["graphs"].append({"name": n, "onnx": str(b.graph_path(n)), "tmp": tmp})
