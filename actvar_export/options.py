@@ -131,7 +131,8 @@ def providers(text: Optional[str]) -> Optional[List[str]]:
         out.append(PROVIDERS[t])
     missing = [p for p in out if p not in ort.get_available_providers()]
     if missing:
-        raise ActVarError(f"--providers {text}: ONNX Runtime here lacks {', '.join(missing)} "
+        hint = " (install onnxruntime-gpu)" if "CUDAExecutionProvider" in missing else ""
+        raise ActVarError(f"--providers {text}: ONNX Runtime here lacks {', '.join(missing)}{hint} "
                           f"(available: {', '.join(ort.get_available_providers())})")
     return out
 
