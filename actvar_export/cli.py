@@ -217,9 +217,11 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
 @click.option("--lowering", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
               help="portable: standard ONNX ops only; plugin: ActVarTokenScatter / ActVarExpertFFN nodes for TensorRT plugins.")
 @click.option("--top-k", type=int, default=900, show_default=True, help="Static top-k of the graphs' sampler (1..3840).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: attention as com.microsoft.MultiHeadAttention (fp16/fp32); tensorrt: standard ops only.")
 @_apply(actvar_options)
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
-def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert_ratio, active_scales, force):
+def build(ckpt, vae, out, batch, precision, lowering, top_k, target, token_ratio, expert_ratio, active_scales, force):
     """Export a deploy bundle: one ONNX step graph per scale (static shapes for --batch, fixed
     K_t/K_w, KV cache as one packed tensor, CFG + noise sampler + f_hat update + next input inside),
     the VQVAE decoder graph, weights.bin (every weight once, shared by all graphs) and manifest.json
@@ -228,7 +230,7 @@ def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert
     from .bundle import build_bundle
     t = time.time()
     p = build_bundle(ckpt, out, vae=vae, batch=batch, precision=precision, lowering=lowering, top_k=top_k,
-                     force=force, overrides=_overrides(token_ratio, expert_ratio, active_scales))
+                     target=target, force=force, overrides=_overrides(token_ratio, expert_ratio, active_scales))
     size = sum(f.stat().st_size for f in p.iterdir())
     click.echo(f"wrote {p}: 10 step graphs + decoder, {size / 1e6:.1f} MB, {precision}, {lowering}, batch {batch} ({time.time() - t:.1f}s)")
 

@@ -27,11 +27,14 @@ def models(actvar_ckpt):
     return build_models(load_checkpoint(actvar_ckpt))
 
 
-@pytest.fixture(scope="module", params=["portable", "plugin"])
+@pytest.fixture(scope="module", params=[("portable", "onnxruntime"), ("plugin", "onnxruntime"), ("portable", "tensorrt")],
+                ids=lambda p: "-".join(p))
 def bundle(request, actvar_ckpt, tmp_path_factory):
-    # batch 3 (odd, not the CLI default) so shape handling is exercised beyond the trivial case
-    out = tmp_path_factory.mktemp("bundles") / request.param
-    return Bundle.open(build_bundle(actvar_ckpt, out, batch=3, precision="fp32", lowering=request.param,
+    # batch 3 (odd, not the CLI default) so shape handling is exercised beyond the trivial case; the
+    # onnxruntime target's attention is the fused MultiHeadAttention op, the tensorrt target's MatMul/Softmax
+    lowering, target = request.param
+    out = tmp_path_factory.mktemp("bundles") / f"{lowering}_{target}"
+    return Bundle.open(build_bundle(actvar_ckpt, out, batch=3, precision="fp32", lowering=lowering, target=target,
                                     show_progress=False))
 
 

@@ -31,7 +31,8 @@ def trt():
 @pytest.fixture(scope="module")
 def bundles(trt, actvar_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("trt_bundles")
-    return {low: build_bundle(actvar_ckpt, root / low, batch=1, precision=FP16, lowering=low, show_progress=False)
+    return {low: build_bundle(actvar_ckpt, root / low, batch=1, precision=FP16, lowering=low, target="tensorrt",
+                              show_progress=False)
             for low in ("portable", "plugin")}
 
 
@@ -308,3 +309,11 @@ def test_cli_engines(bundles, tmp_path):
     assert_one_line_error(run("engines", "--bundle", tmp_path / "empty"), "not a bundle")
     assert_one_line_error(run("engines", "--bundle", path, "--graphs", "step_10"), "unknown graph", "step_10")
     assert "engines" in run("--help").output
+
+
+def test_engines_refuses_an_onnxruntime_target_bundle(actvar_ckpt, tmp_path):
+    """A bundle built for ONNX Runtime (fused MultiHeadAttention nodes) is refused in one line before
+    TensorRT is loaded; its tensorrt-target twin parses (test_every_graph_parses_and_plugins_resolve)."""
+    path = build_bundle(actvar_ckpt, tmp_path / "ort", batch=1, precision=FP16, show_progress=False)
+    assert Bundle.open(path).manifest["attention"] == "com.microsoft.MultiHeadAttention"
+    assert_one_line_error(run("engines", "--bundle", path), "--target onnxruntime", "rebuild it with --target tensorrt")
