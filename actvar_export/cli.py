@@ -62,6 +62,7 @@ def main():
     sample     generate images with the PyTorch reference, or with a bundle (--bundle)
     inspect    sizes, ActVAR settings, static top-k sizes and FLOPs of a checkpoint
     engines    parse a bundle's graphs with TensorRT (plugins for --lowering plugin) and serialize engines
+    bench      latency, images/s, time per scale and peak memory of a bundle (and of the eager reference)
     """
 
 
@@ -159,17 +160,16 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         click.echo(RANDOM_WARNING, err=True)
 
 
-def _providers(text):
+def _runtime_device(text):
+    """--providers (cuda or cpu; 'cuda,cpu' as before) -> the runtime's device; default: CUDA where it runs."""
     if text is None:
-        return None
-    names = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-    out = []
-    for t in text.split(","):
-        t = t.strip().lower()
-        if t not in names:
-            raise ActVarError(f"unknown provider {t!r}: use cuda, cpu or tensorrt")
-        out.append(names[t])
-    return out
+        from .runtime.ort_runtime import default_device
+        return default_device()
+    names = [t.strip().lower() for t in text.split(",")]
+    bad = [t for t in names if t not in ("cuda", "cpu")]
+    if bad:
+        raise ActVarError(f"--providers: unknown provider {bad[0]!r}: use cuda or cpu")
+    return names[0]
 
 
 def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
@@ -179,8 +179,7 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
     from .bundle import Bundle
     from .config import NUM_SCALES, TOTAL_TOKENS
     from .images import save_grid
-    from .runtime.loop import run_bundle
-    from .runtime.ort_backend import OrtBackend
+    from .runtime.ort_runtime import Runtime
     from .sampling import noise_for
     b = Bundle.open(bundle, show_progress=True)
     if top_k is not None and top_k != b.manifest["top_k"]:
@@ -191,13 +190,13 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
         raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
     B = b.batch
     images, t = [], time.time()
-    backend = OrtBackend(b, _providers(providers))
+    backend = Runtime(b, _runtime_device(providers), log=lambda line: click.echo(line, err=True))
     chunks = [labels[i:i + B] for i in range(0, len(labels), B)]
     bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
     for ci, chunk in enumerate(chunks):
         lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
         u = noise_for(B, seed + ci, TOTAL_TOKENS).numpy()
-        img, _, _, _ = run_bundle(backend, lab, u, cfg, top_p, progress=lambda si: bar.update(1))
+        img, _ = backend.generate(lab, u, cfg, top_p, progress=lambda si: bar.update(1))
         images.append(torch.from_numpy(img[:len(chunk)]))
     bar.close()
     m = b.manifest
@@ -257,7 +256,7 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     from .bundle import Bundle
     from .checkpoint import build_models, load_checkpoint
     from .generate import SampleSettings
-    from .runtime.ort_backend import OrtBackend
+    from .runtime.ort_runtime import Runtime
     from .validate import ValidationError, validate_bundle
     b = Bundle.open(bundle, show_progress=True)
     b.check_checkpoint(ckpt)
@@ -268,7 +267,7 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     if len(labels) != b.batch or any(not 0 <= c < 1000 for c in labels):
         raise ActVarError(f"--classes: the bundle was built for batch {b.batch}: give {b.batch} ImageNet ids (0..999)")
     settings = SampleSettings(cfg=cfg, top_k=m["top_k"], top_p=top_p, sampler="noise")
-    backend = OrtBackend(b, _providers(providers))
+    backend = Runtime(b, _runtime_device(providers))
     bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
     rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
     bar.close()
@@ -371,6 +370,28 @@ def engines(bundle, graphs):
     click.echo(f"wrote {len(res['graphs'])} engine(s) + {ENGINES_JSON} into {bundle}: {total / 1e6:.1f} MB, "
                f"{res['tensorrt']['module']} {res['tensorrt']['version']}, {res['lowering']} lowering, "
                f"{plugins} plugin layer(s) ({time.time() - t:.1f}s); built only, not run")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Its checkpoint: adds the eager PyTorch reference (autocast = the bundle's precision) and the ratios.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs of each side.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs first (CUDA graphs are captured here).")
+@click.option("--providers", default=None, help="cuda or cpu (default: CUDA where ONNX Runtime and torch see one).")
+@click.option("--no-cuda-graphs", is_flag=True, help="Run every step without a CUDA graph.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full result as JSON.")
+def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, json_out):
+    """Latency per batch, images/s, time per scale and peak device memory of a bundle on the runtime
+    (weights once on the device, one arena, bound buffers, CUDA graphs); with --ckpt the eager reference
+    in the same process first, and the ratios."""
+    from .bench import bench_bundle, table
+    res = bench_bundle(bundle, ckpt, iters=iters, warmup=warmup, device=_runtime_device(providers),
+                       cuda_graphs=not no_cuda_graphs, log=lambda line: click.echo(line, err=True))
+    click.echo(table(res))
+    if json_out:
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, res)
+        click.echo(f"wrote {json_out}")
 
 
 if __name__ == "__main__":
