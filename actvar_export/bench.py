@@ -66,7 +66,7 @@ def _summary(lat: List[float], per_scale: List[float], batch: int) -> dict:
 
 def bench_bundle(bundle_dir, ckpt: Optional[Path] = None, iters: int = 10, warmup: int = 2, device: Optional[str] = None,
                  cuda_graphs: bool = True, seed: int = 0, cfg: float = 1.5, top_p: float = 0.96,
-                 progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                 progress: bool = True, log: Callable[[str], None] = print, profile: Optional[Path] = None) -> dict:
     """Run the bundle `iters` times after `warmup` runs (and the eager reference likewise, when `ckpt` is given).
     The eager reference runs first, so that its peak (torch.cuda.max_memory_allocated) and the runtime's
     (device memory in use after its runs, minus before: ONNX Runtime's arena never shrinks) are measured
@@ -76,7 +76,7 @@ def bench_bundle(bundle_dir, ckpt: Optional[Path] = None, iters: int = 10, warmu
     from . import __version__
     from .bundle import Bundle
     from .runtime.loop import run_bundle
-    from .runtime.ort_runtime import Runtime, default_device
+    from .runtime.ort_runtime import Runtime, default_device, profile_summary
     from .sampling import noise_for
 
     if iters < 1 or warmup < 0:
@@ -128,7 +128,31 @@ def bench_bundle(bundle_dir, ckpt: Optional[Path] = None, iters: int = 10, warmu
             res["memory_ratio"] = r["peak_device_bytes"] / e["peak_bytes"]
     del rt
     gc.collect()
+    if profile:
+        res["profile"] = _profile(torch, b, device, Path(profile), labels, u, cfg, top_p)
     return res
+
+
+def _profile(torch, b, device, out: Path, labels, u, cfg, top_p, top: int = 20) -> List[dict]:
+    """Where one generation (without CUDA graphs, after one warm-up) spends its time: on CUDA the device
+    kernels by name (CUPTI through torch.profiler sees ONNX Runtime's kernels too), on the CPU ONNX
+    Runtime's profiler by operator type."""
+    from .runtime.ort_runtime import Runtime, profile_summary
+    out.mkdir(parents=True, exist_ok=True)
+    if device != "cuda":
+        rt = Runtime(b, device, profile=out)
+        rt.generate(labels, u, cfg, top_p)
+        return profile_summary(rt.end_profiling(), top)
+    rt = Runtime(b, device, cuda_graphs=False)
+    rt.generate(labels, u, cfg, top_p)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        rt.generate(labels, u, cfg, top_p)
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(out / "trace.json"))
+    rows = [{"op": e.key[:90], "ms": round(e.device_time_total / 1e3, 3), "calls": e.count}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 def _bench_eager(torch, b, ckpt, labels, u, cfg, top_p, iters, warmup, device, tick) -> dict:
@@ -210,4 +234,6 @@ def table(res: dict) -> str:
             s += f"{e['ms_per_scale'][si]:>12.2f}"
         lines.append(s)
     lines.append(f"ids with CUDA graphs == without: {res['ids_equal_without_graphs']}")
+    for p in res.get("profile", []):
+        lines.append(f"  {p['ms']:>9.2f} ms {p['calls']:>6}x  {p['op'][:70]}")
     return "\n".join(lines)
