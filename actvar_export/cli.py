@@ -380,14 +380,16 @@ def engines(bundle, graphs):
 @click.option("--providers", default=None, help="cuda or cpu (default: CUDA where ONNX Runtime and torch see one).")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run every step without a CUDA graph.")
 @click.option("--profile", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also profile two generations (no CUDA graphs) with ONNX Runtime's profiler into this directory; time per operator type.")
+@click.option("--check-ids", is_flag=True, help="Also generate without CUDA graphs or bound buffers and compare the ids.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full result as JSON.")
-def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, json_out):
+def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check_ids, json_out):
     """Latency per batch, images/s, time per scale and peak device memory of a bundle on the runtime
     (weights once on the device, one arena, bound buffers, CUDA graphs); with --ckpt the eager reference
     in the same process first, and the ratios."""
     from .bench import bench_bundle, table
     res = bench_bundle(bundle, ckpt, iters=iters, warmup=warmup, device=_runtime_device(providers),
-                       cuda_graphs=not no_cuda_graphs, log=lambda line: click.echo(line, err=True), profile=profile)
+                       cuda_graphs=not no_cuda_graphs, log=lambda line: click.echo(line, err=True), profile=profile,
+                       check_ids=check_ids)
     click.echo(table(res))
     if json_out:
         from .fsutil import write_json_atomic

@@ -87,10 +87,11 @@ section_kernels() { section_build && section_tests; local a=$?; section_bench; l
 
 section_ort() {
     # The bundle runtime on ONNX Runtime's CUDA provider against the eager reference, in one process per
-    # configuration (`bench`), then the exactness check. The onnxruntime-gpu wheel is carried in pieces
+    # configuration (`bench`), after the exactness check. The onnxruntime-gpu wheel is carried in pieces
     # (.wheelparts, see ../shared/device/README.md) and joined under /tmp/parts by earlier runs.
     #   ORT_CONFIGS  "depth:batch ..." fp16 bundles to bench (default: the acceptance set)
     #   ORT_ITERS    timed runs per side (default 10); ORT_PROFILE=1 adds the kernel profile to each bench
+    #   batch-1 runs also generate once without CUDA graphs / bound buffers and compare the ids (--check-ids)
     #   ORT_EXACT=0  skips the fp32 exactness check (d16 batch 1, TF32 off, teacher-forced per scale)
     echo "== ort: bundle runtime (ONNX Runtime CUDA) vs eager PyTorch"
     local whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -98,26 +99,27 @@ section_ort() {
         [ -d /tmp/parts ] || { echo "no /tmp/parts: carry .wheelparts first"; return 1; }
         cat /tmp/parts/part.* > "$whl" && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$whl" || return 1
     fi
-    local W=/tmp/ortrt rc=0 c d b prof=()
+    local W=/tmp/ortrt rc=0 c d b chk prof=()
     mkdir -p "$W"
     [ "${ORT_PROFILE:-0}" = 1 ] && prof=(--profile "$W/profile")
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 -c "import onnxruntime, torch; print('onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"
-    for c in ${ORT_CONFIGS:-16:1 16:16 30:1 30:16 30:32}; do
-        d=${c%%:*}; b=${c##*:}
-        [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
-        python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/d${d}_b$b" --batch "$b" --precision fp16 --force \
-            2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; continue; }
-        python3 -m actvar_export bench --bundle "$W/d${d}_b$b" --ckpt "$W/d$d.pt" --iters "${ORT_ITERS:-10}" "${prof[@]}" \
-            --json "$OUT/bench_d${d}_b$b.json" 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; }
-        rm -rf "$W/d${d}_b$b"
-    done
     if [ "${ORT_EXACT:-1}" = 1 ]; then
         [ -f "$W/d16.pt" ] || python3 -m actvar_export init-ckpt --depth 16 --out "$W/d16.pt" > /dev/null
         python3 -m actvar_export build --ckpt "$W/d16.pt" --out "$W/d16_fp32" --batch 1 --precision fp32 --force 2> /dev/null &&
             python3 -m actvar_export validate --bundle "$W/d16_fp32" --ckpt "$W/d16.pt" --providers cuda \
                 --json "$OUT/validate_d16_fp32_cuda.json" 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; }
+        rm -rf "$W/d16_fp32"
     fi
+    for c in ${ORT_CONFIGS:-16:1 16:16 30:1 30:16 30:32}; do
+        d=${c%%:*}; b=${c##*:}; chk=(); [ "$b" = 1 ] && chk=(--check-ids)
+        [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
+        python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/d${d}_b$b" --batch "$b" --precision fp16 --force \
+            2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; continue; }
+        python3 -m actvar_export bench --bundle "$W/d${d}_b$b" --ckpt "$W/d$d.pt" --iters "${ORT_ITERS:-10}" "${prof[@]}" "${chk[@]}" \
+            --json "$OUT/bench_d${d}_b$b.json" 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; }
+        rm -rf "$W/d${d}_b$b"
+    done
     return $rc
 }
 
