@@ -64,7 +64,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     from .checkpoint import load_checkpoint
     from .export.decoder import build_decoder
     from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES
-    from .export.step import LOWERINGS, TARGETS, attention_kind, build_step, io_shapes
+    from .export.step import LOWERINGS, TARGETS, attention_kind, build_step, gelu_kind, io_shapes
     from .export.weights import WEIGHTS_FILE, WeightStore
 
     out = Path(out)
@@ -133,7 +133,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
                               "cache_in": cache_len_after(act, si - 1) if si else 0,
                               "cache_out": cache_len_after(act, si)} for si in range(NUM_SCALES)],
             "batch": batch, "precision": precision, "lowering": lowering, "top_k": top_k,
-            "target": target, "attention": attention_kind(target, precision),
+            "target": target, "attention": attention_kind(target, precision), "gelu": gelu_kind(target),
             "sampler": "noise", "opset": OPSET, "ir_version": IR_VERSION,
             "graphs": graphs, "files": files, "checkpoint": ck_hash,
             "vae": ({"file": str(Path(vae).resolve()), "sha256": sha256_file(Path(vae))} if vae else "embedded"),

@@ -312,8 +312,10 @@ def test_cli_engines(bundles, tmp_path):
 
 
 def test_engines_refuses_an_onnxruntime_target_bundle(actvar_ckpt, tmp_path):
-    """A bundle built for ONNX Runtime (fused MultiHeadAttention nodes) is refused in one line before
+    """A bundle built for ONNX Runtime (MultiHeadAttention, FastGelu nodes) is refused in one line before
     TensorRT is loaded; its tensorrt-target twin parses (test_every_graph_parses_and_plugins_resolve)."""
     path = build_bundle(actvar_ckpt, tmp_path / "ort", batch=1, precision=FP16, show_progress=False)
-    assert Bundle.open(path).manifest["attention"] == "com.microsoft.MultiHeadAttention"
+    m = Bundle.open(path).manifest
+    assert (m["target"], m["attention"], m["gelu"]) == ("onnxruntime", "com.microsoft.MultiHeadAttention",
+                                                        "com.microsoft.FastGelu")
     assert_one_line_error(run("engines", "--bundle", path), "--target onnxruntime", "rebuild it with --target tensorrt")

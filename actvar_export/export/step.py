@@ -24,6 +24,15 @@ ORT_DOMAIN = "com.microsoft"
 FUSED_ATTENTION = f"{ORT_DOMAIN}.MultiHeadAttention"
 
 
+FUSED_GELU = f"{ORT_DOMAIN}.FastGelu"
+
+
+def gelu_kind(target: str) -> str:
+    """The FFN's tanh GELU (computed in fp32): ONNX Runtime's FastGelu (one kernel) for the onnxruntime
+    target, the explicit Mul/Add/Tanh chain otherwise."""
+    return FUSED_GELU if target == "onnxruntime" else "Mul-Add-Tanh"
+
+
 def attention_kind(target: str, precision: str) -> str:
     """ONNX Runtime's fused MultiHeadAttention where it has kernels (fp16, fp32; not bf16) for the
     onnxruntime target; MatMul/Softmax/MatMul otherwise (TensorRT fuses that pattern itself)."""
@@ -78,6 +87,7 @@ class StepBuilder:
                  target: str = "tensorrt"):
         self.spec, self.si, self.B = spec, si, batch
         self.fused = attention_kind(target, precision) == FUSED_ATTENTION
+        self.fast_gelu = gelu_kind(target) == FUSED_GELU
         self.g = Graph(f"actvar_step_{si}", store, precision)
         self.P = self.g.P
         self.lowering, self.top_k = lowering, top_k
@@ -240,7 +250,8 @@ class StepBuilder:
     def _fc1_gelu(self, b, h2_f32):
         g = self.g
         a = g.gemm(g.reshape(self.g.to_p(h2_f32), -1, self.C), f"blocks.{b}.ffn.fc1.weight", f"blocks.{b}.ffn.fc1.bias")
-        return self.g.to_p(g.gelu_tanh(self.g.to_f32(a), F32))
+        a = self.g.to_f32(a)
+        return self.g.to_p(g.op("FastGelu", [a], domain=ORT_DOMAIN) if self.fast_gelu else g.gelu_tanh(a, F32))
 
     def ffn(self, b, h2, n):
         g = self.g

@@ -155,7 +155,6 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
     "report"}}}. With parse_only=True nothing is written (parse + checks only; "file" is None)."""
     from tqdm import tqdm
     from ..bundle import Bundle
-    from ..export.step import FUSED_ATTENTION
     from .api import load_trt, trt_module_info
 
     b = Bundle.open(bundle_dir)
@@ -171,9 +170,9 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
             raise ActVarError(f"{what}: this bundle has {', '.join(graphs)}")
         todo = list(dict.fromkeys(todo))
     lowering = m.get("lowering", "portable")
-    if m.get("attention") == FUSED_ATTENTION:
-        raise ActVarError(f"{b.path}: built for --target {m.get('target')} ({FUSED_ATTENTION} nodes, which TensorRT "
-                          f"cannot parse): rebuild it with --target tensorrt")
+    if m.get("target", "tensorrt") != "tensorrt":
+        raise ActVarError(f"{b.path}: built for --target {m['target']} (ONNX Runtime's com.microsoft operators, which "
+                          f"TensorRT cannot parse): rebuild it with --target tensorrt")
     trt = load_trt()
     info = trt_module_info(trt)
     tmpdir = Path(tempfile.mkdtemp(prefix="actvar-trt-"))
