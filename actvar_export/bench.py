@@ -168,6 +168,7 @@ def _bench_eager(torch, b, ckpt, labels, u, cfg, top_p, iters, warmup, device, t
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = _device_used(torch)
     model, vae = build_models(load_checkpoint(ckpt, None, ov or None), dev)
     settings = SampleSettings(sampler="noise", cfg=cfg, top_k=m["top_k"], top_p=top_p)
     lab_t, u_t = torch.from_numpy(labels).to(dev), torch.from_numpy(u).to(dev)
@@ -178,8 +179,9 @@ def _bench_eager(torch, b, ckpt, labels, u, cfg, top_p, iters, warmup, device, t
     lat, scales = _timed(torch, cuda, run, iters, tick)
     out = _summary(lat, scales, b.batch)
     out["autocast"] = m["precision"]
-    if cuda:
+    if cuda:   # the measure, and (comparable with the runtime's) device memory in use after the runs
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["device_bytes"] = _device_used(torch) - base
     del model, vae, lab_t, u_t
     gc.collect()
     if cuda:
