@@ -58,7 +58,7 @@ def _versions() -> Dict[str, str]:
 
 
 def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int = 1, precision: str = "fp16",
-                 lowering: str = "portable", top_k: int = 900, force: bool = False,
+                 lowering: str = "portable", top_k: int = 900, force: bool = False, target: str = "onnxruntime",
                  overrides: Optional[dict] = None, show_progress: bool = True) -> Path:
     """Export every scale's step graph, the decoder, one weights file and the manifest.
     Written into a temporary directory beside `out` and renamed when complete."""
@@ -67,7 +67,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     from .checkpoint import load_checkpoint
     from .export.decoder import build_decoder
     from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES
-    from .export.step import LOWERINGS, build_step, io_shapes
+    from .export.step import LOWERINGS, TARGETS, attention_kind, build_step, gelu_kind, io_shapes
     from .export.weights import WEIGHTS_FILE, WeightStore
     from . import options
 
@@ -76,6 +76,8 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
         raise ActVarError(f"unknown precision {precision!r}: choose fp32, fp16 or bf16")
     if lowering not in LOWERINGS:
         raise ActVarError(f"unknown lowering {lowering!r}: choose {' or '.join(LOWERINGS)}")
+    if target not in TARGETS:
+        raise ActVarError(f"unknown target {target!r}: choose {' or '.join(TARGETS)}")
     options.batch(batch)
     options.top_k_build(top_k)
     options.output_bundle(out, force, inputs=(ckpt, vae))
@@ -98,7 +100,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
         bar = tqdm(total=NUM_SCALES + 1, desc="graphs", unit="graph", disable=not show_progress, file=sys.stderr)
         for si in range(NUM_SCALES):
             t = time.time()
-            m = build_step(spec, si, batch, store, precision, lowering, top_k)
+            m = build_step(spec, si, batch, store, precision, lowering, top_k, target)
             onnx.save(m, tmp / step_file(si))
             ins, outs = io_shapes(spec, si, batch)
             graphs[f"step_{si}"] = {"file": step_file(si), "inputs": ins, "outputs": outs}
@@ -135,6 +137,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
                               "cache_in": cache_len_after(act, si - 1) if si else 0,
                               "cache_out": cache_len_after(act, si)} for si in range(NUM_SCALES)],
             "batch": batch, "precision": precision, "lowering": lowering, "top_k": top_k,
+            "target": target, "attention": attention_kind(target, precision), "gelu": gelu_kind(target),
             "sampler": "noise", "opset": OPSET, "ir_version": IR_VERSION,
             "graphs": graphs, "files": files, "checkpoint": ck_hash,
             "vae": ({"file": str(Path(vae).resolve()), "sha256": sha256_file(Path(vae))} if vae else "embedded"),

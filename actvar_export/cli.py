@@ -135,7 +135,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         for name in ("vae", "precision", "device", "token_ratio", "expert_ratio", "active_scales"):
             if given(name):
                 raise ActVarError(f"--{name.replace('_', '-')} applies to --ckpt only: a bundle fixes it at build time")
-        return _sample_bundle(bundle, opt.providers(providers), labels, seed, cfg, top_k, top_p, out)
+        return _sample_bundle(bundle, opt.runtime_device(providers), labels, seed, cfg, top_k, top_p, out)
     top_k = opt.top_k_reference(900 if top_k is None else top_k)
     sampler = sampler or "official"
     dev = opt.device(device)
@@ -176,21 +176,20 @@ def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out):
     from .bundle import Bundle
     from .config import NUM_SCALES, TOTAL_TOKENS
     from .images import save_grid
-    from .runtime.loop import run_bundle
-    from .runtime.ort_backend import OrtBackend
+    from .runtime.ort_runtime import Runtime
     from .sampling import noise_for
     b = Bundle.open(bundle, verify=False)
     opt.top_k_bundle(top_k, b.manifest["top_k"])
     b.verify(show_progress=True)
     B = b.batch
     images, t = [], time.time()
-    backend = OrtBackend(b, providers)
+    backend = Runtime(b, providers, log=lambda line: click.echo(line, err=True))
     chunks = [labels[i:i + B] for i in range(0, len(labels), B)]
     bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
     for ci, chunk in enumerate(chunks):
         lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
         u = noise_for(B, seed + ci, TOTAL_TOKENS).numpy()
-        img, _, _, _ = run_bundle(backend, lab, u, cfg, top_p, progress=lambda si: bar.update(1))
+        img, _ = backend.generate(lab, u, cfg, top_p, progress=lambda si: bar.update(1))
         images.append(torch.from_numpy(img[:len(chunk)]))
     bar.close()
     m = b.manifest
@@ -210,9 +209,11 @@ def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out):
 @click.option("--lowering", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
               help="portable: standard ONNX ops only; plugin: ActVarTokenScatter / ActVarExpertFFN nodes for TensorRT plugins.")
 @click.option("--top-k", type=int, default=900, show_default=True, help="Static top-k of the graphs' sampler (1..3840).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: attention as com.microsoft.MultiHeadAttention (fp16/fp32); tensorrt: standard ops only.")
 @_apply(actvar_options)
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle, never a directory holding an input)  [default: off]")
-def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert_ratio, active_scales, force):
+def build(ckpt, vae, out, batch, precision, lowering, top_k, target, token_ratio, expert_ratio, active_scales, force):
     """Export a deploy bundle: one ONNX step graph per scale (static shapes for --batch, fixed
     K_t/K_w, KV cache as one packed tensor, CFG + noise sampler + f_hat update + next input inside),
     the VQVAE decoder graph, weights.bin (every weight once, shared by all graphs) and manifest.json
@@ -226,7 +227,7 @@ def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert
     from .bundle import build_bundle
     t = time.time()
     p = build_bundle(ckpt, out, vae=vae, batch=batch, precision=precision, lowering=lowering, top_k=top_k,
-                     force=force, overrides=opt.actvar_overrides(token_ratio, expert_ratio, active_scales))
+                     target=target, force=force, overrides=opt.actvar_overrides(token_ratio, expert_ratio, active_scales))
     size = sum(f.stat().st_size for f in p.iterdir())
     click.echo(f"wrote {p}: 10 step graphs + decoder, {size / 1e6:.1f} MB, {precision}, {lowering}, batch {batch} ({time.time() - t:.1f}s)")
 
@@ -258,19 +259,19 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     for path, option in ((json_out, "--json"), (grid, "--grid")):
         if path is not None:
             opt.output_file(path, option, inputs=(bundle, ckpt, vae))
-    prov = opt.providers(providers)
+    device = opt.runtime_device(providers)
     import torch
     from tqdm import tqdm
     from .bundle import Bundle
     from .checkpoint import build_models, load_checkpoint
     from .generate import SampleSettings
-    from .runtime.ort_backend import OrtBackend
+    from .runtime.ort_runtime import Runtime
     from .validate import ValidationError, validate_bundle
     b = Bundle.open(bundle, verify=False)
     labels = opt.classes(classes, b.batch) if classes is not None else [i % 1000 for i in range(b.batch)]
     b.verify(show_progress=True)
     b.check_checkpoint(ckpt)
-    backend = OrtBackend(b, prov)
+    backend = Runtime(b, device)
     m = b.manifest
     ov = m["actvar"] and {k: m["actvar"][k] for k in ("token_ratio", "expert_ratio")} | {"active_scales": tuple(m["actvar"]["active_scales"])}
     model, v = build_models(load_checkpoint(ckpt, vae, ov or None))
@@ -383,6 +384,39 @@ def engines(bundle, graphs):
     click.echo(f"wrote {len(res['graphs'])} engine(s) + {ENGINES_JSON} into {bundle}: {total / 1e6:.1f} MB, "
                f"{res['tensorrt']['module']} {res['tensorrt']['version']}, {res['lowering']} lowering, "
                f"{plugins} plugin layer(s) ({time.time() - t:.1f}s); built only, not run")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Its checkpoint: adds the eager PyTorch reference (autocast = the bundle's precision) and the ratios.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs of each side.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs first (CUDA graphs are captured here).")
+@click.option("--providers", default=None, help="cuda or cpu  [default: CUDA where ONNX Runtime and torch see one, else CPU]")
+@click.option("--no-cuda-graphs", is_flag=True, help="Run every step without a CUDA graph  [default: a CUDA graph per step where ONNX Runtime captures it]")
+@click.option("--profile", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also profile two generations (no CUDA graphs) with ONNX Runtime's profiler into this directory; time per operator type  [default: off]")
+@click.option("--check-ids", is_flag=True, help="Also generate without CUDA graphs or bound buffers and compare the ids  [default: off]")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full result as JSON  [default: none]")
+def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check_ids, json_out):
+    """Latency per batch, images/s, time per scale and peak device memory of a bundle on the runtime
+    (weights once on the device, one arena, bound buffers, CUDA graphs); with --ckpt the eager reference
+    in the same process first, and the ratios.
+
+    \b
+    Example:
+      actvar-export bench --bundle demo/bundle --ckpt demo/d4.pt --iters 5 --json demo/bench.json
+    """
+    device = opt.runtime_device(providers)
+    if json_out is not None:
+        opt.output_file(json_out, "--json", inputs=(bundle, ckpt))
+    from .bench import bench_bundle, table
+    res = bench_bundle(bundle, ckpt, iters=iters, warmup=warmup, device=device,
+                       cuda_graphs=not no_cuda_graphs, log=lambda line: click.echo(line, err=True), profile=profile,
+                       check_ids=check_ids)
+    click.echo(table(res))
+    if json_out:
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, res)
+        click.echo(f"wrote {json_out}")
 
 
 if __name__ == "__main__":

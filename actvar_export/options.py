@@ -137,6 +137,19 @@ def providers(text: Optional[str]) -> Optional[List[str]]:
     return out
 
 
+def runtime_device(text: Optional[str]) -> str:
+    """--providers for the bundle runtime: 'cuda[,cpu]' -> cuda, 'cpu' -> cpu; default: CUDA where both torch
+    and ONNX Runtime see one, else the CPU."""
+    if text is None:
+        from .runtime.ort_runtime import default_device
+        return default_device()
+    names = providers(text)
+    if "TensorrtExecutionProvider" in names:
+        raise ActVarError(f"invalid --providers {text!r}: the bundle runtime runs ONNX Runtime's cuda or cpu "
+                          "provider (TensorRT engines: `actvar-export engines`)")
+    return "cuda" if names[0] == "CUDAExecutionProvider" else "cpu"
+
+
 def _inside(p: Path, d: Path) -> bool:
     return p == d or d in p.parents
 

@@ -1,6 +1,6 @@
 """Memory of a bundle's ONNX Runtime sessions: one shared copy of the weights vs one per session.
 
-Creates every session of a bundle (10 steps + decoder) in a fresh process, once through OrtBackend
+Creates every session of a bundle (10 steps + decoder) in a fresh process, once through the Runtime
 (weights handed to all sessions from one memory map with add_initializer) and once the default way
 (each session loads its own external data), and reports the growth of the resident set.
 
@@ -18,7 +18,7 @@ CHILD = r"""
 import sys, json, resource
 import numpy as np, onnxruntime as ort
 from actvar_export.bundle import Bundle
-from actvar_export.runtime.ort_backend import OrtBackend
+from actvar_export.runtime.ort_runtime import Runtime
 
 def rss():
     with open('/proc/self/status') as f:
@@ -30,7 +30,7 @@ b = Bundle.open(sys.argv[1], verify=False)
 names = [f"step_{i}" for i in range(10)] + ["decoder"]
 before = rss()
 if sys.argv[2] == "shared":
-    be = OrtBackend(b, ["CPUExecutionProvider"])
+    be = Runtime(b, "cpu")
     sessions = [be.session(n) for n in names]
 else:
     so = ort.SessionOptions()

@@ -98,13 +98,37 @@ ort_gpu_site() {
 }
 
 section_ort() {
-    # ONNX Runtime with the CUDA execution provider
-    echo "== ort: onnxruntime-gpu bundle validation + throughput"
+    # The bundle runtime on ONNX Runtime's CUDA provider against the eager reference, in one process per
+    # configuration (`bench`), after the exactness check. The onnxruntime-gpu wheel is carried in pieces
+    # (.wheelparts, see ../shared/device/README.md) and joined under /tmp/parts by earlier runs.
+    #   ORT_CONFIGS  "depth:batch ..." fp16 bundles to bench (default: the acceptance set)
+    #   ORT_ITERS    timed runs per side (default 10); ORT_PROFILE=1 adds the kernel profile to each bench
+    #   batch-1 runs also generate once without CUDA graphs / bound buffers and compare the ids (--check-ids)
+    #   ORT_EXACT=0  skips the fp32 exactness check (d16 batch 1, TF32 off, teacher-forced per scale)
+    echo "== ort: bundle runtime (ONNX Runtime CUDA) vs eager PyTorch"
     ort_gpu_site || return 1
-    # ORT_BENCH_ARGS overrides the configuration (default: the d16 fp16 batch 16)
-    PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_ort.py ${ORT_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
-        --workdir "/tmp/ortbench_$$" --json "$OUT/bench_ort.json" 2>&1 | tee "$OUT/bench_ort.log" | tail -40
-    return ${PIPESTATUS[0]}
+    local W=/tmp/ortrt rc=0 c d b chk prof=()
+    mkdir -p "$W"
+    [ "${ORT_PROFILE:-0}" = 1 ] && prof=(--profile "$W/profile")
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 -c "import onnxruntime, torch; print('onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"
+    if [ "${ORT_EXACT:-1}" = 1 ]; then
+        [ -f "$W/d16.pt" ] || python3 -m actvar_export init-ckpt --depth 16 --out "$W/d16.pt" > /dev/null
+        python3 -m actvar_export build --ckpt "$W/d16.pt" --out "$W/d16_fp32" --batch 1 --precision fp32 --force 2> /dev/null &&
+            python3 -m actvar_export validate --bundle "$W/d16_fp32" --ckpt "$W/d16.pt" --providers cuda \
+                --json "$OUT/validate_d16_fp32_cuda.json" 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; }
+        rm -rf "$W/d16_fp32"
+    fi
+    for c in ${ORT_CONFIGS:-16:1 16:16 30:1 30:16 30:32}; do
+        d=${c%%:*}; b=${c##*:}; chk=(); [ "$b" = 1 ] && chk=(--check-ids)
+        [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
+        python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/d${d}_b$b" --batch "$b" --precision fp16 --force \
+            2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; continue; }
+        python3 -m actvar_export bench --bundle "$W/d${d}_b$b" --ckpt "$W/d$d.pt" --iters "${ORT_ITERS:-10}" "${prof[@]}" "${chk[@]}" \
+            --json "$OUT/bench_d${d}_b$b.json" 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; }
+        rm -rf "$W/d${d}_b$b"
+    done
+    return $rc
 }
 
 section_trtplugins() {

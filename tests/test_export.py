@@ -16,7 +16,7 @@ from actvar_export.errors import ActVarError
 from actvar_export.export.graph import F32, I64, Graph
 from actvar_export.export.step import area_matrix, topk_ascending
 from actvar_export.generate import SampleSettings
-from actvar_export.runtime.ort_backend import OrtBackend
+from actvar_export.runtime.ort_runtime import Runtime
 from actvar_export.validate import validate_bundle
 
 from .test_cli import assert_one_line_error
@@ -27,11 +27,14 @@ def models(actvar_ckpt):
     return build_models(load_checkpoint(actvar_ckpt))
 
 
-@pytest.fixture(scope="module", params=["portable", "plugin"])
+@pytest.fixture(scope="module", params=[("portable", "onnxruntime"), ("plugin", "onnxruntime"), ("portable", "tensorrt")],
+                ids=lambda p: "-".join(p))
 def bundle(request, actvar_ckpt, tmp_path_factory):
-    # batch 3 (odd, not the CLI default) so shape handling is exercised beyond the trivial case
-    out = tmp_path_factory.mktemp("bundles") / request.param
-    return Bundle.open(build_bundle(actvar_ckpt, out, batch=3, precision="fp32", lowering=request.param,
+    # batch 3 (odd, not the CLI default) so shape handling is exercised beyond the trivial case; the
+    # onnxruntime target's attention is the fused MultiHeadAttention op, the tensorrt target's MatMul/Softmax
+    lowering, target = request.param
+    out = tmp_path_factory.mktemp("bundles") / f"{lowering}_{target}"
+    return Bundle.open(build_bundle(actvar_ckpt, out, batch=3, precision="fp32", lowering=lowering, target=target,
                                     show_progress=False))
 
 
@@ -40,7 +43,7 @@ def test_teacher_forced_and_end_to_end(bundle, models):
     inputs, discrete outputs identical (or explained by a sub-tolerance margin); end to end with the
     same noise ≥ 99.9% of tokens agree and the images reach ≥ 40 dB PSNR."""
     model, vae = models
-    rep = validate_bundle(OrtBackend(bundle, ["CPUExecutionProvider"]), model, vae, [5, 400, 999], seed=7,
+    rep = validate_bundle(Runtime(bundle, "cpu"), model, vae, [5, 400, 999], seed=7,
                           settings=SampleSettings(sampler="noise", cfg=4.0, top_k=900, top_p=0.95), precision="fp32")
     assert rep.failures == [], rep.table()
     for s in rep.scales:

@@ -70,9 +70,9 @@ def test_cli_plugin_bundle_on_cuda_one_error_line(plugin_bundle, actvar_ckpt, mo
 
 def test_cpu_needs_no_library(plugin_bundle, monkeypatch, tmp_path):
     """Only plugin bundles on CUDA need the library: on the CPU the reference ops run (no check)."""
-    from actvar_export.runtime.ort_backend import OrtBackend
+    from actvar_export.runtime.ort_runtime import Runtime
     monkeypatch.setenv(custom_ops.ENV_VAR, str(tmp_path / "libactvar_ort_ops.so"))
-    backend = OrtBackend(Bundle.open(plugin_bundle), ["CPUExecutionProvider"])
+    backend = Runtime(Bundle.open(plugin_bundle), "cpu")
     assert backend.cuda_ops is None
     backend.session("step_9")   # the reference ops serve the actvar nodes
 
@@ -201,7 +201,7 @@ def test_expert_ffn_on_cuda_matches_reference(ort_cuda, precision, T):
 
 @pytest.mark.gpu
 def test_cuda_ops_equal_cpu_reference_ops(ort_cuda):
-    """The same fp32 graph of both ops: CUDA (this library) vs the CPU reference ops of OrtBackend's CPU path."""
+    """The same fp32 graph of both ops: CUDA (this library) vs the CPU reference ops of the runtime's CPU path."""
     ort, lib = ort_cuda
     from actvar_export.runtime.ort_ops import ORT_CONTRIB_DOMAIN, register
     N, k, T, C = 16, 12, 512, 128
@@ -279,15 +279,15 @@ def test_cuda_graph_capture_and_replay(ort_cuda):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_plugin_bundle_on_cuda_teacher_forced(ort_cuda, actvar_ckpt, tmp_path, precision):
-    """A plugin bundle through OrtBackend on CUDA (the library registered by the runtime, TF32 off): every scale
+    """A plugin bundle through the runtime on CUDA (the library registered by it, TF32 off for fp32): every scale
     within the product's validation rules (fp32: 1e-4) and selections agreeing."""
     from actvar_export.checkpoint import build_models, load_checkpoint
     from actvar_export.generate import SampleSettings
-    from actvar_export.runtime.ort_backend import OrtBackend
+    from actvar_export.runtime.ort_runtime import Runtime
     from actvar_export.validate import validate_bundle
     bundle = Bundle.open(build_bundle(actvar_ckpt, tmp_path / "b", batch=2, precision=precision, lowering="plugin",
                                       show_progress=False))
-    backend = OrtBackend(bundle, [(CUDA, {"use_tf32": "0"}), "CPUExecutionProvider"])
+    backend = Runtime(bundle, "cuda")
     assert backend.cuda_ops is not None
     model, vae = build_models(load_checkpoint(actvar_ckpt))
     rep = validate_bundle(backend, model, vae, [5, 400], seed=7,

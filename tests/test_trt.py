@@ -49,14 +49,15 @@ def bundles(trt, actvar_ckpt, tmp_path_factory):
     precision), and the decoder's inputs/outputs are float32 in every precision."""
     from actvar_export.export import decoder, weights
     root = tmp_path_factory.mktemp("trt_bundles")
-    out = {k: build_bundle(actvar_ckpt, root / k, batch=1, precision=FP16, lowering=low, show_progress=False)
+    out = {k: build_bundle(actvar_ckpt, root / k, batch=1, precision=FP16, lowering=low, target="tensorrt",
+                           show_progress=False)
            for k, low in (("portable", "portable"), ("plugin", "plugin"))}
     build = decoder.build_decoder
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(weights, "_FP32_PARTS", weights._FP32_PARTS + ("vae.",))
         mp.setattr(decoder, "build_decoder", lambda batch, store, precision: build(batch, store, "fp32"))
         out["plugin_bf16"] = build_bundle(actvar_ckpt, root / "plugin_bf16", batch=1, precision="bf16",
-                                          lowering="plugin", show_progress=False)
+                                          lowering="plugin", target="tensorrt", show_progress=False)
     return out
 
 
@@ -420,3 +421,13 @@ def test_cli_engines(bundles, plugin_lib, tmp_path):
     assert_one_line_error(run("engines", "--bundle", tmp_path / "empty"), "not a bundle")
     assert_one_line_error(run("engines", "--bundle", path, "--graphs", "step_10"), "unknown graph", "step_10")
     assert "engines" in run("--help").output
+
+
+def test_engines_refuses_an_onnxruntime_target_bundle(actvar_ckpt, tmp_path):
+    """A bundle built for ONNX Runtime (MultiHeadAttention, FastGelu nodes) is refused in one line before
+    TensorRT is loaded; its tensorrt-target twin parses (test_every_graph_parses_and_plugins_resolve)."""
+    path = build_bundle(actvar_ckpt, tmp_path / "ort", batch=1, precision=FP16, show_progress=False)
+    m = Bundle.open(path).manifest
+    assert (m["target"], m["attention"], m["gelu"]) == ("onnxruntime", "com.microsoft.MultiHeadAttention",
+                                                        "com.microsoft.FastGelu")
+    assert_one_line_error(run("engines", "--bundle", path), "--target onnxruntime", "rebuild it with --target tensorrt")

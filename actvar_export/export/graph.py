@@ -28,7 +28,7 @@ class Graph:
         self.outputs: List[onnx.ValueInfoProto] = []
         self.inits: Dict[str, onnx.TensorProto] = {}
         self._ids = itertools.count()
-        self.custom_ops = False
+        self.domains = set()      # non-default operator domains the nodes use (opset imports)
         self._cache = {}
 
     # ---- naming ----
@@ -72,8 +72,8 @@ class Graph:
         outs = [name] if (name and n_out == 1) else [self.fresh(op_type.lower()) for _ in range(n_out)]
         node = helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), domain=domain, **attrs)
         self.nodes.append(node)
-        if domain == CUSTOM_DOMAIN:
-            self.custom_ops = True
+        if domain:
+            self.domains.add(domain)
         return outs[0] if n_out == 1 else outs
 
     def cast(self, x: str, to: int, src: Optional[int] = None) -> str:
@@ -131,8 +131,7 @@ class Graph:
     def model(self) -> onnx.ModelProto:
         g = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, list(self.inits.values()))
         opsets = [helper.make_opsetid("", OPSET)]
-        if self.custom_ops:
-            opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+        opsets += [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
         m = helper.make_model(g, opset_imports=opsets, producer_name="actvar-export")
         m.ir_version = IR_VERSION
         return m

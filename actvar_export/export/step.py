@@ -19,6 +19,24 @@ from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE
 from .graph import CUSTOM_DOMAIN, F32, I32, I64, Graph
 
 LOWERINGS = ("portable", "plugin")
+TARGETS = ("onnxruntime", "tensorrt")
+ORT_DOMAIN = "com.microsoft"
+FUSED_ATTENTION = f"{ORT_DOMAIN}.MultiHeadAttention"
+
+
+FUSED_GELU = f"{ORT_DOMAIN}.FastGelu"
+
+
+def gelu_kind(target: str) -> str:
+    """The FFN's tanh GELU (computed in fp32): ONNX Runtime's FastGelu (one kernel) for the onnxruntime
+    target, the explicit Mul/Add/Tanh chain otherwise."""
+    return FUSED_GELU if target == "onnxruntime" else "Mul-Add-Tanh"
+
+
+def attention_kind(target: str, precision: str) -> str:
+    """ONNX Runtime's fused MultiHeadAttention where it has kernels (fp16, fp32; not bf16) for the
+    onnxruntime target; MatMul/Softmax/MatMul otherwise (TensorRT fuses that pattern itself)."""
+    return FUSED_ATTENTION if (target == "onnxruntime" and precision in ("fp16", "fp32")) else "MatMul-Softmax-MatMul"
 TOKEN_SCATTER_OP = "ActVarTokenScatter"
 EXPERT_FFN_OP = "ActVarExpertFFN"
 PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": ""}
@@ -65,8 +83,12 @@ def topk_ascending(g: Graph, scores_f32: str, k: int) -> str:
 
 
 class StepBuilder:
-    def __init__(self, spec: ModelSpec, si: int, batch: int, store, precision: str, lowering: str, top_k: int):
+    def __init__(self, spec: ModelSpec, si: int, batch: int, store, precision: str, lowering: str, top_k: int,
+                 target: str = "tensorrt"):
         self.spec, self.si, self.B = spec, si, batch
+        self.fused = attention_kind(target, precision) == FUSED_ATTENTION
+        self.fast_gelu = gelu_kind(target) == FUSED_GELU
+        self.blocked_cumsum = target == "onnxruntime"
         self.g = Graph(f"actvar_step_{si}", store, precision)
         self.P = self.g.P
         self.lowering, self.top_k = lowering, top_k
@@ -188,18 +210,38 @@ class StepBuilder:
         zero = g.const(np.zeros(C, np.float32), hint="zk")
         bias = g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero, g.cast(g.w(f"{pre}.v_bias"), F32, self.P)], axis=0)
         qkv = g.op("Gemm", [g.reshape(self.g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), self.g.to_p(bias)], transB=1)
+        scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])   # (1, H, 1, 1)
+        if self.fused:
+            return self._fused_attention(pre, qkv, scale, n, cache)
         qkv = g.op("Transpose", [g.reshape(qkv, S, n, 3, H, 64)], perm=[2, 0, 3, 1, 4])    # 3 S H n c
         q, k, v = [g.reshape(g.slice(qkv, [i], [i + 1], [0]), S, H, n, 64) for i in range(3)]
         q, k = self._l2norm(self.g.to_f32(q)), self._l2norm(self.g.to_f32(k))
-        scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])
         q, k = self.g.to_p(g.op("Mul", [q, scale])), self.g.to_p(k)
         k_all = k if cache is None else g.op("Concat", [cache[0], k], axis=2)
         v_all = v if cache is None else g.op("Concat", [cache[1], v], axis=2)
         att = g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
         att = self.g.to_p(g.op("Softmax", [self.g.to_f32(att)], axis=-1))
         o = g.op("Transpose", [g.op("MatMul", [att, v_all])], perm=[0, 2, 1, 3])        # S n H c
-        out = self.g.to_f32(g.gemm(g.reshape(o, -1, C), f"{pre}.proj.weight", f"{pre}.proj.bias"))
-        return g.reshape(out, S, n, C), (k_all, v_all)
+        return self._proj(pre, o), (k_all, v_all)
+
+    def _fused_attention(self, pre, qkv, scale, n, cache):
+        """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider): q and k
+        L2-normalised, q pre-multiplied by the clamped scale, op scale 1, no mask; the op appends the
+        current keys/values to the cache prefix (past -> present, both (S, H, L, 64))."""
+        g, S, H, C = self.g, self.S, self.H, self.C
+        q, k, v = [g.reshape(g.slice(g.reshape(qkv, S, n, 3, H, 64), [i], [i + 1], [2]), S, n, H, 64) for i in range(3)]
+        q = g.op("Mul", [self._l2norm(self.g.to_f32(q)), g.reshape(scale, H, 1)])
+        k = self._l2norm(self.g.to_f32(k))
+        ins = [g.reshape(self.g.to_p(q), S, n, C), g.reshape(self.g.to_p(k), S, n, C), g.reshape(v, S, n, C)]
+        if cache is not None:
+            ins += ["", "", "", cache[0], cache[1]]
+        o, k_all, v_all = g.op("MultiHeadAttention", ins, n_out=3, domain=ORT_DOMAIN, num_heads=H, scale=1.0)
+        return self._proj(pre, o), (k_all, v_all)
+
+    def _proj(self, pre, o):
+        g = self.g
+        out = self.g.to_f32(g.gemm(g.reshape(o, -1, self.C), f"{pre}.proj.weight", f"{pre}.proj.bias"))
+        return g.reshape(out, self.S, -1, self.C)
 
     def _l2norm(self, x):
         g = self.g
@@ -209,7 +251,8 @@ class StepBuilder:
     def _fc1_gelu(self, b, h2_f32):
         g = self.g
         a = g.gemm(g.reshape(self.g.to_p(h2_f32), -1, self.C), f"blocks.{b}.ffn.fc1.weight", f"blocks.{b}.ffn.fc1.bias")
-        return self.g.to_p(g.gelu_tanh(self.g.to_f32(a), F32))
+        a = self.g.to_f32(a)
+        return self.g.to_p(g.op("FastGelu", [a], domain=ORT_DOMAIN) if self.fast_gelu else g.gelu_tanh(a, F32))
 
     def ffn(self, b, h2, n):
         g = self.g
@@ -267,11 +310,24 @@ class StepBuilder:
         last = g.op("GatherElements", [vals, g.op("Sub", [keep_n, g.i64(1)])], axis=2)     # smallest kept logit
         keep = g.op("GreaterOrEqual", [lc, last])
         w = g.op("Where", [keep, g.op("Exp", [g.op("Sub", [lc, mx])]), g.scalar(0.0)])
-        cdf = g.op("CumSum", [w, g.i64(-1)])
+        cdf = self.cumsum_vocab(w)
         total = g.slice(cdf, [self.V - 1], [self.V], [2])
         below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
         count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
         return g.op("Min", [count, g.i64(self.V - 1)])
+
+    def cumsum_vocab(self, w, block: int = 64):
+        """Inclusive cumulative sum over the vocabulary axis of (B, l, V). For the onnxruntime target in two
+        levels (within blocks of 64, then the blocks' exclusive prefix added): ONNX Runtime's CUDA CumSum
+        sums each output element's whole prefix (O(V²) per row), the largest kernel of the d16 batch-16
+        profile on the H100; the two levels do O(V·64). Only the order of the fp32 additions differs."""
+        g, B, l, V = self.g, self.B, self.l, self.V
+        if not self.blocked_cumsum or V % block:
+            return g.op("CumSum", [w, g.i64(-1)])
+        inner = g.op("CumSum", [g.reshape(w, B, l, V // block, block), g.i64(-1)])             # (B, l, nb, 64)
+        tot = g.slice(inner, [block - 1], [block], [3])                                       # block sums
+        before = g.op("CumSum", [tot, g.i64(2)], exclusive=1)
+        return g.reshape(g.op("Add", [inner, before]), B, l, V)
 
     def fhat_update(self, f_hat, idx):
         g, B, pn = self.g, self.B, PATCH_NUMS[self.si]
@@ -301,7 +357,8 @@ def _f32_tensor(v: float):
     return helper.make_tensor("v", F32, [1], [v])
 
 
-def build_step(spec: ModelSpec, si: int, batch: int, store, precision: str, lowering: str, top_k: int):
-    if lowering not in LOWERINGS:
-        raise ValueError(lowering)
-    return StepBuilder(spec, si, batch, store, precision, lowering, top_k).build()
+def build_step(spec: ModelSpec, si: int, batch: int, store, precision: str, lowering: str, top_k: int,
+               target: str = "tensorrt"):
+    if lowering not in LOWERINGS or target not in TARGETS:
+        raise ValueError((lowering, target))
+    return StepBuilder(spec, si, batch, store, precision, lowering, top_k, target).build()

@@ -32,30 +32,3 @@ def run_bundle(backend, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: fl
             progress(si)
     images = backend.infer("decoder", {"f_hat": prev["f_hat_out"]})["image"] if decode else None
     return images, ids, outs, prev["f_hat_out"]
-
-
-def run_bundle_device(backend, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: float, device_id: int = 0):
-    """The same loop with I/O binding: caches, f_hat and next inputs stay on the GPU between scales
-    (CUDA execution provider); only the ids and the image come back to the host."""
-    where = "cuda" if "CUDAExecutionProvider" in backend.provider_names else "cpu"
-    prev, ids = None, []
-    for si in range(NUM_SCALES):
-        s = backend.session(f"step_{si}")
-        io = s.io_binding()
-        for name, arr in step_feed(si, labels, u, cfg, top_p, None).items():
-            io.bind_cpu_input(name, arr)
-        if si:
-            for name, src in (("x_in", "x_next"), ("kv_in", "kv_out"), ("f_hat_in", "f_hat_out")):
-                io.bind_ortvalue_input(name, prev[src])
-        names = [o.name for o in s.get_outputs()]
-        for n in names:
-            io.bind_output(n, where, device_id)
-        s.run_with_iobinding(io)
-        prev = dict(zip(names, io.get_outputs()))
-        ids.append(prev["idx"])
-    d = backend.session("decoder")
-    io = d.io_binding()
-    io.bind_ortvalue_input("f_hat", prev["f_hat_out"])
-    io.bind_output("image", where, device_id)
-    d.run_with_iobinding(io)
-    return io.get_outputs()[0].numpy(), [i.numpy() for i in ids]

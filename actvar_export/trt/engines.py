@@ -170,6 +170,9 @@ def build_engines(bundle_dir, names: Optional[Iterable[str]] = None, progress: b
             raise ActVarError(f"{what}: this bundle has {', '.join(graphs)}")
         todo = list(dict.fromkeys(todo))
     lowering = m.get("lowering", "portable")
+    if m.get("target", "tensorrt") != "tensorrt":
+        raise ActVarError(f"{b.path}: built for --target {m['target']} (ONNX Runtime's com.microsoft operators, which "
+                          f"TensorRT cannot parse): rebuild it with --target tensorrt")
     plugin_lib = None
     if lowering == "plugin":
         from .plugin_library import library_info
