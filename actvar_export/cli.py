@@ -115,6 +115,8 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
            token_ratio, expert_ratio, active_scales, out):
     """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
     through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle)."""
+    from .sampling import check_seed
+    check_seed(seed)
     if (ckpt is None) == (bundle is None):
         raise ActVarError("give exactly one of --ckpt FILE (reference) or --bundle DIR (ONNX Runtime)")
     if bundle is not None:
@@ -196,7 +198,7 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
     bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
     for ci, chunk in enumerate(chunks):
         lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
-        u = noise_for(B, seed + ci, TOTAL_TOKENS).numpy()
+        u = noise_for(B, seed, TOTAL_TOKENS, first_image=ci * B).numpy()   # image i gets u row i of the request
         img, _, _, _ = run_bundle(backend, lab, u, cfg, top_p, progress=lambda si: bar.update(1))
         images.append(torch.from_numpy(img[:len(chunk)]))
     bar.close()
@@ -250,6 +252,8 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     discrete ones (tokens, experts, sampled ids) must agree except where the reference's own margin
     is below tolerance. End to end, both sides sample from the same uniforms: token agreement and
     image PSNR. All failures are reported before exiting with 1."""
+    from .sampling import check_seed
+    check_seed(seed)
     import torch
     from tqdm import tqdm
     from .bundle import Bundle
