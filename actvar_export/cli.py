@@ -111,8 +111,9 @@ def init_ckpt(depth, dense, experts, seed, out):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @_apply(actvar_options)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+@click.option("--raw", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the images as uint8 NHWC .npy.")
 def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device,
-           token_ratio, expert_ratio, active_scales, out):
+           token_ratio, expert_ratio, active_scales, out, raw):
     """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
     through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle)."""
     from .sampling import check_seed
@@ -127,13 +128,13 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         for name in ("vae", "precision", "device", "token_ratio", "expert_ratio", "active_scales"):
             if given(name):
                 raise ActVarError(f"--{name.replace('_', '-')} applies to --ckpt only: a bundle fixes it at build time")
-        return _sample_bundle(bundle, providers, classes, seed, cfg, top_k if given("top_k") else None, top_p, out)
+        return _sample_bundle(bundle, providers, classes, seed, cfg, top_k if given("top_k") else None, top_p, out, raw)
     import torch
     from tqdm import tqdm
     from .checkpoint import build_models, load_checkpoint
     from .config import NUM_SCALES, PATCH_NUMS, TOTAL_TOKENS
     from .generate import SampleSettings, generate
-    from .images import save_grid
+    from .images import save_grid, save_raw
     from .sampling import noise_for
     settings = SampleSettings(cfg=cfg, top_k=top_k, top_p=top_p, sampler=sampler, more_smooth=more_smooth)
     labels = _ints(classes, "classes")
@@ -156,6 +157,8 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     kind = f"ActVAR-d{ck.spec.var.depth}" if ck.spec.is_actvar else f"VAR-d{ck.spec.var.depth}"
     title = f"{kind} seed={seed} cfg={cfg} top_k={top_k} top_p={top_p} {sampler}" + (" [RANDOM WEIGHTS]" if random_note else "")
     save_grid(res.images_B3HW, out, labels=[f"class {c}" for c in labels], title=title)
+    if raw:
+        save_raw(res.images_B3HW, raw)
     click.echo(f"wrote {out}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
     if random_note:
         click.echo(RANDOM_WARNING, err=True)
@@ -174,13 +177,13 @@ def _providers(text):
     return out
 
 
-def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
+def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out, raw=None):
     import numpy as np
     import torch
     from tqdm import tqdm
     from .bundle import Bundle
     from .config import NUM_SCALES, TOTAL_TOKENS
-    from .images import save_grid
+    from .images import save_grid, save_raw
     from .runtime.loop import run_bundle
     from .runtime.ort_backend import OrtBackend
     from .sampling import noise_for
@@ -206,6 +209,8 @@ def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
     title = (f"bundle d{m['model']['depth']} {m['precision']} {m['lowering']} seed={seed} cfg={cfg} "
              f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.provider_names)}]")
     save_grid(torch.cat(images), out, labels=[f"class {c}" for c in labels], title=title)
+    if raw:
+        save_raw(torch.cat(images), raw)
     click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.provider_names)}), {time.time() - t:.1f}s")
 
 
