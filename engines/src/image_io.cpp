@@ -38,13 +38,20 @@ void chunk(std::vector<uint8_t>& png, const char* type, const std::vector<uint8_
 }
 }  // namespace
 
-void write_npy(const std::string& path, const uint8_t* nhwc, int n, int h, int w, int c) {
-    std::string header = "{'descr': '|u1', 'fortran_order': False, 'shape': (" + std::to_string(n) + ", " +
-                         std::to_string(h) + ", " + std::to_string(w) + ", " + std::to_string(c) + "), }";
+void write_npy(const std::string& path, const std::string& descr, size_t item_bytes, const void* data,
+               const std::vector<int64_t>& shape) {
+    std::string dims;
+    size_t count = 1;
+    for (int64_t d : shape) {
+        dims += std::to_string(d) + ", ";
+        count *= size_t(d);
+    }
+    std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + dims + "), }";
     header += std::string(63 - (10 + header.size()) % 64, ' ') + "\n";   // total header a multiple of 64
     std::vector<uint8_t> out = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, uint8_t(header.size() & 255), uint8_t(header.size() >> 8)};
     out.insert(out.end(), header.begin(), header.end());
-    out.insert(out.end(), nhwc, nhwc + size_t(n) * h * w * c);
+    const auto* p = static_cast<const uint8_t*>(data);
+    out.insert(out.end(), p, p + count * item_bytes);
     write_atomic(path, out);
 }
 

@@ -64,16 +64,19 @@ std::unique_ptr<Runtime> Runtime::open(const std::string& bundle_dir, const Opti
     return std::make_unique<RuntimeImpl>(std::move(b), std::move(e));
 }
 
-std::vector<uint8_t> Runtime::generate(const std::vector<int64_t>& classes, uint64_t seed, float cfg, float top_p) {
+std::vector<uint8_t> Runtime::generate(const std::vector<int64_t>& classes, uint64_t seed, float cfg, float top_p,
+                                       std::vector<int64_t>* ids_out) {
     const int B = info().batch;
     const size_t per = size_t(kImageSize) * kImageSize * 3;
     std::vector<uint8_t> out(classes.size() * per), chunk(size_t(B) * per);
-    std::vector<int64_t> labels(B);
+    std::vector<int64_t> labels(B), ids(size_t(B) * kTotalTokens);
+    if (ids_out) ids_out->resize(classes.size() * kTotalTokens);
     for (size_t first = 0; first < classes.size(); first += B) {
         const size_t n = std::min(classes.size() - first, size_t(B));
         for (int b = 0; b < B; ++b) labels[b] = classes[first + std::min(size_t(b), n - 1)];   // pad with the last
-        run_batch(labels.data(), seed, first, cfg, top_p, chunk.data());
+        run_batch(labels.data(), seed, first, cfg, top_p, chunk.data(), ids_out ? ids.data() : nullptr);
         std::copy(chunk.begin(), chunk.begin() + n * per, out.begin() + first * per);
+        if (ids_out) std::copy(ids.begin(), ids.begin() + n * kTotalTokens, ids_out->begin() + first * kTotalTokens);
     }
     return out;
 }

@@ -60,12 +60,15 @@ public:
 
     // Any number of images: batches of info().batch (the last padded with its last class), image b of the
     // request gets u of image b whatever the batching. Returns classes.size() x 256 x 256 x 3 uint8.
-    std::vector<uint8_t> generate(const std::vector<int64_t>& classes, uint64_t seed, float cfg, float top_p);
+    // ids_out (optional) receives classes.size() x kTotalTokens sampled ids.
+    std::vector<uint8_t> generate(const std::vector<int64_t>& classes, uint64_t seed, float cfg, float top_p,
+                                  std::vector<int64_t>* ids_out = nullptr);
 };
 
-// Images as uint8 NHWC: a .npy file, and a PNG grid (up to 4 per row); both written to a temporary file
-// beside the target and renamed.
-void write_npy(const std::string& path, const uint8_t* nhwc, int n, int h, int w, int c);
+// .npy files (descr: numpy's type string, e.g. "|u1" or "<i8") and a PNG grid of uint8 NHWC images (up to 4
+// per row); both written to a temporary file beside the target and renamed.
+void write_npy(const std::string& path, const std::string& descr, size_t item_bytes, const void* data,
+               const std::vector<int64_t>& shape);
 void write_png_grid(const std::string& path, const uint8_t* nhwc, int n, int h, int w);
 
 }  // namespace actvar
