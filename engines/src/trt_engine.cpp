@@ -99,8 +99,8 @@ public:
         auto* img_h = reinterpret_cast<float*>(ids_h + size_t(B) * kTotalTokens);
         for (int gi = 0; gi <= kNumScales; ++gi) {
             Step& s = steps_[gi];
-            if (!s.graph) capture(s);
-            cuda_check(cudaGraphLaunch(s.graph, stream_), s.name + ": CUDA graph launch");
+            if (s.graph) cuda_check(cudaGraphLaunch(s.graph, stream_), s.name + ": CUDA graph launch");
+            else enqueue(s);
             if (gi < kNumScales) {
                 const int l = kPatchNums[gi] * kPatchNums[gi], a = scale_begin(gi);
                 cuda_check(cudaMemcpy2DAsync(ids_h + a, kTotalTokens * 8, s.buffers.at("idx"), l * 8, l * 8, B,
@@ -112,6 +112,10 @@ public:
         cuda_check(cudaStreamSynchronize(stream_), "TensorRT run");
         std::memcpy(image, img_h, size_t(B) * 3 * kImageSize * kImageSize * 4);
         if (ids) std::memcpy(ids, ids_h, size_t(B) * kTotalTokens * 8);
+        if (!captured_) {   // after one eager run (TensorRT's lazy set-up done), one CUDA graph per step
+            captured_ = true;
+            for (Step& st : steps_) capture(st);
+        }
     }
 
 private:
@@ -142,7 +146,9 @@ private:
                 for (int k = 0; k < d.nbDims; ++k) count *= size_t(d.d[k]);
                 cuda_check(cudaMalloc(&p, count * element_size(s.engine->getTensorDataType(n))), path + ": output " + t);
                 s.buffers[t] = p;
-            } else if (t == "u") {   // this scale's columns, copied in by the step's graph
+            } else if (s.engine->getTensorDataType(n) != expected_type(t)) {
+                throw Error(path + ": input " + t + " has another type than the bundle's graphs (rebuild the engines)");
+            } else if (t == "u") {   // this scale's columns, copied in by the step
                 cuda_check(cudaMalloc(&p, size_t(B) * kPatchNums[gi] * kPatchNums[gi] * 4), "u");
                 s.buffers["u_in"] = p;
             } else if (inputs_.count(t)) {
@@ -158,26 +164,44 @@ private:
         return s;
     }
 
-    // One CUDA graph per step: the u columns of this scale, then the engine (enqueueV3).
-    void capture(Step& s) {
-        const int B = bundle_.info.batch;
-        cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), s.name + ": graph capture");
+    // One step: the u columns of this scale into the engine's input, then enqueueV3.
+    void enqueue(Step& s) {
         if (s.buffers.count("u_in")) {
             const int gi = std::stoi(s.name.substr(5)), l = kPatchNums[gi] * kPatchNums[gi];
-            cudaMemcpy2DAsync(s.buffers.at("u_in"), l * 4, static_cast<float*>(inputs_.at("u")) + scale_begin(gi),
-                              kTotalTokens * 4, l * 4, B, cudaMemcpyDeviceToDevice, stream_);
+            cuda_check(cudaMemcpy2DAsync(s.buffers.at("u_in"), l * 4, static_cast<float*>(inputs_.at("u")) + scale_begin(gi),
+                                         kTotalTokens * 4, l * 4, bundle_.info.batch, cudaMemcpyDeviceToDevice, stream_),
+                       s.name + ": u");
         }
-        const bool ok = s.ctx->enqueueV3(stream_);
+        if (!s.ctx->enqueueV3(stream_)) throw Error(s.name + ": enqueueV3 failed (" + logger_.last_error + ")");
+    }
+
+    // The step as a CUDA graph; where capture fails (e.g. a plugin that synchronises) the step stays eager.
+    void capture(Step& s) {
+        if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return;
+        bool ok = true;
+        try {
+            enqueue(s);
+        } catch (const Error&) {
+            ok = false;
+        }
         cudaGraph_t g = nullptr;
-        cuda_check(cudaStreamEndCapture(stream_, &g), s.name + ": graph capture");
-        if (!ok) throw Error(s.name + ": enqueueV3 failed (" + logger_.last_error + ")");
-        cuda_check(cudaGraphInstantiate(&s.graph, g, 0), s.name + ": graph instantiate");
-        cudaGraphDestroy(g);
+        ok = cudaStreamEndCapture(stream_, &g) == cudaSuccess && ok;
+        if (ok && cudaGraphInstantiate(&s.graph, g, 0) != cudaSuccess) s.graph = nullptr;
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();   // a failed capture leaves no sticky error: the step runs eagerly
+    }
+
+    nvinfer1::DataType expected_type(const std::string& input) const {   // the step graphs' input types
+        if (input == "labels") return nvinfer1::DataType::kINT64;
+        if (input != "kv_in") return nvinfer1::DataType::kFLOAT;
+        const std::string& p = bundle_.info.precision;   // the KV cache is stored at the bundle's precision
+        return p == "fp16" ? nvinfer1::DataType::kHALF : p == "bf16" ? nvinfer1::DataType::kBF16 : nvinfer1::DataType::kFLOAT;
     }
 
     const Bundle bundle_;
     Options opt_;
     Logger logger_;
+    bool captured_ = false;
     void* lib_ = nullptr;
     nvinfer1::IRuntime* runtime_ = nullptr;
     cudaStream_t stream_ = nullptr;
