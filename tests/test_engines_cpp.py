@@ -17,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
+import torch
 from click.testing import CliRunner
 
-from actvar_export.bundle import build_bundle
+from actvar_export.bundle import Bundle, build_bundle
 from actvar_export.cli import main
+from actvar_export.images import to_uint8
+from actvar_export.runtime.loop import run_bundle
+from actvar_export.runtime.ort_backend import OrtBackend
 from actvar_export.sampling import noise_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,10 +91,11 @@ def test_cpp_noise_equals_python(build_dir, tmp_path, seed, first, n):
     assert got.dtype == np.float32 and np.array_equal(got, noise_for(n, seed, 680, first_image=first).numpy())
 
 
-def test_cpp_images_identical_to_python(build_dir, bundle, tmp_path):
+def test_cpp_images_identical_to_python(build_dir, bundle, actvar_ckpt, tmp_path):
     """Same bundle, classes and seed: actvar-run's uint8 images equal `sample --bundle --raw`'s exactly
     (both run the same graphs on ONNX Runtime's CPU provider; for plugin bundles the C++ side runs its own
-    CPU kernels of the two custom ops, the Python side its reference ops)."""
+    CPU kernels of the two custom ops, the Python side its reference ops). Image 2 of the request (in the
+    padded second batch) equals that image generated alone through a batch-1 bundle: batching does not matter."""
     r = actvar_run(build_dir, "--bundle", bundle, "--classes", CLASSES, "--seed", 11, "--out", tmp_path / "g.png",
                    "--raw", tmp_path / "cpp.npy")
     assert r.returncode == 0, r.stderr
@@ -102,6 +107,12 @@ def test_cpp_images_identical_to_python(build_dir, bundle, tmp_path):
     assert cpp.shape == py.shape == (3, 256, 256, 3) and cpp.dtype == py.dtype == np.uint8
     assert int(np.abs(cpp.astype(np.int16) - py).max()) == 0
     assert cpp.std() > 10 and not np.array_equal(cpp[0], cpp[2])    # real, distinct images
+    if Path(bundle).name == "portable":   # batching: image 2 of the request alone through a batch-1 bundle
+        one = build_bundle(actvar_ckpt, tmp_path / "b1", batch=1, precision="fp32", lowering="portable",
+                           show_progress=False)
+        u = noise_for(1, 11, 680, first_image=2).numpy()
+        img, _, _, _ = run_bundle(OrtBackend(Bundle.open(one), ["CPUExecutionProvider"]), np.array([999]), u, 1.5, 0.96)
+        assert np.array_equal(to_uint8(torch.from_numpy(img))[0], cpp[2])
     # a different seed gives different images (the seed reaches the noise)
     r = actvar_run(build_dir, "--bundle", bundle, "--classes", "1", "--seed", 12, "--out", tmp_path / "g2.png",
                    "--raw", tmp_path / "cpp12.npy")
