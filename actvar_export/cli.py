@@ -99,7 +99,7 @@ def init_ckpt(depth, dense, experts, seed, out):
 @click.option("--providers", default=None, help="With --bundle: ONNX Runtime providers, e.g. 'cuda,cpu'  [default: CUDA if available, else CPU]")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="VQVAE state dict (vae_ch160v4096z32.pth)  [default: the checkpoint's own]")
 @click.option("--classes", default="207,360,387,974,88,979,417,279", show_default=True, help="ImageNet class ids (0..999), comma separated.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler (with --bundle: of chunk i, seed + i).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (0 .. 2^64-1): of torch's generator (official sampler) or of the canonical uniforms u (noise sampler; image i of the request gets its own u, whatever the batching).")
 @click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength (finite, >= 0).")
 @click.option("--top-k", type=int, default=None, help="Top-k of the sampler; 0 disables (--ckpt only)  [default: 900 with --ckpt, the bundle's static top-k with --bundle]")
 @click.option("--top-p", type=float, default=0.96, show_default=True, help="Top-p in [0, 1]; 0 disables.")
@@ -111,8 +111,9 @@ def init_ckpt(depth, dense, experts, seed, out):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (--ckpt only).")
 @_apply(actvar_options)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
+@click.option("--raw", type=click.Path(path_type=Path), default=None, help="Also write the images as one uint8 NHWC .npy  [default: none]")
 def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device,
-           token_ratio, expert_ratio, active_scales, out):
+           token_ratio, expert_ratio, active_scales, out, raw):
     """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
     through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle).
 
@@ -121,12 +122,16 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
       actvar-export sample --ckpt demo/d4.pt --classes 1,2 --sampler noise --out ref.png
       actvar-export sample --bundle demo/bundle --classes 1,2,3,4 --out grid.png
     """
+    from .sampling import check_seed
+    check_seed(seed)
     if (ckpt is None) == (bundle is None):
         raise ActVarError("give exactly one of --ckpt FILE (reference) or --bundle DIR (ONNX Runtime)")
     opt.cfg(cfg)
     opt.top_p(top_p)
     labels = opt.classes(classes)
     opt.output_file(out, "--out", inputs=(ckpt, vae, bundle))
+    if raw is not None:
+        opt.output_file(raw, "--raw", inputs=(ckpt, vae, bundle))
     if bundle is not None:
         ctx = click.get_current_context()
         given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
@@ -135,7 +140,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         for name in ("vae", "precision", "device", "token_ratio", "expert_ratio", "active_scales"):
             if given(name):
                 raise ActVarError(f"--{name.replace('_', '-')} applies to --ckpt only: a bundle fixes it at build time")
-        return _sample_bundle(bundle, opt.runtime_device(providers), labels, seed, cfg, top_k, top_p, out)
+        return _sample_bundle(bundle, opt.runtime_device(providers), labels, seed, cfg, top_k, top_p, out, raw)
     top_k = opt.top_k_reference(900 if top_k is None else top_k)
     sampler = sampler or "official"
     dev = opt.device(device)
@@ -145,7 +150,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     from .checkpoint import build_models, load_checkpoint
     from .config import NUM_SCALES, PATCH_NUMS, TOTAL_TOKENS
     from .generate import SampleSettings, generate
-    from .images import save_grid
+    from .images import save_grid, save_raw
     from .sampling import noise_for
     settings = SampleSettings(cfg=cfg, top_k=top_k, top_p=top_p, sampler=sampler, more_smooth=more_smooth)
     ck = load_checkpoint(ckpt, vae, ov)
@@ -164,18 +169,20 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     kind = f"ActVAR-d{ck.spec.var.depth}" if ck.spec.is_actvar else f"VAR-d{ck.spec.var.depth}"
     title = f"{kind} seed={seed} cfg={cfg} top_k={top_k} top_p={top_p} {sampler}" + (" [RANDOM WEIGHTS]" if random_note else "")
     save_grid(res.images_B3HW, out, labels=[f"class {c}" for c in labels], title=title)
+    if raw:
+        save_raw(res.images_B3HW, raw)
     click.echo(f"wrote {out}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
     if random_note:
         click.echo(RANDOM_WARNING, err=True)
 
 
-def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out):
+def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out, raw=None):
     import numpy as np
     import torch
     from tqdm import tqdm
     from .bundle import Bundle
     from .config import NUM_SCALES, TOTAL_TOKENS
-    from .images import save_grid
+    from .images import save_grid, save_raw
     from .runtime.ort_runtime import Runtime
     from .sampling import noise_for
     b = Bundle.open(bundle, verify=False)
@@ -188,7 +195,7 @@ def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out):
     bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
     for ci, chunk in enumerate(chunks):
         lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
-        u = noise_for(B, seed + ci, TOTAL_TOKENS).numpy()
+        u = noise_for(B, seed, TOTAL_TOKENS, first_image=ci * B).numpy()   # image i gets u row i of the request
         img, _ = backend.generate(lab, u, cfg, top_p, progress=lambda si: bar.update(1))
         images.append(torch.from_numpy(img[:len(chunk)]))
     bar.close()
@@ -196,6 +203,8 @@ def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out):
     title = (f"bundle d{m['model']['depth']} {m['precision']} {m['lowering']} seed={seed} cfg={cfg} "
              f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.provider_names)}]")
     save_grid(torch.cat(images), out, labels=[f"class {c}" for c in labels], title=title)
+    if raw:
+        save_raw(torch.cat(images), raw)
     click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.provider_names)}), {time.time() - t:.1f}s")
 
 
@@ -260,6 +269,8 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
         if path is not None:
             opt.output_file(path, option, inputs=(bundle, ckpt, vae))
     device = opt.runtime_device(providers)
+    from .sampling import check_seed
+    check_seed(seed)
     import torch
     from tqdm import tqdm
     from .bundle import Bundle

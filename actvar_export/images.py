@@ -16,6 +16,12 @@ def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
     return (images_B3HW.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
+def save_raw(images_B3HW: torch.Tensor, out: Path) -> Path:
+    """The images as one uint8 NHWC .npy (what `actvar-run --raw` writes), atomically."""
+    imgs = to_uint8(images_B3HW)
+    return atomic_write(out, lambda tmp: np.save(tmp, imgs), suffix=".npy")   # tmp ends in .npy: saved as named
+
+
 def save_grid(images_B3HW: torch.Tensor, out: Path, labels: Optional[Sequence[str]] = None,
               title: Optional[str] = None, cols: Optional[int] = None) -> Path:
     """Write a grid with one caption under each image (and an optional title) atomically."""

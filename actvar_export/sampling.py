@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .config import TOTAL_TOKENS
+from .errors import ActVarError
 
 SAMPLERS = ("official", "noise")
 
@@ -65,7 +69,30 @@ def gumbel_soft(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]
     return ((logits + g) / tau).softmax(dim=-1)
 
 
-def noise_for(batch: int, seed: int, total_tokens: int) -> torch.Tensor:
-    """The canonical uniform tensor u (B, 680) for a seed: what every backend is fed."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(batch, total_tokens, generator=g, dtype=torch.float32)
+# §3.1 constants: the seed and counter multipliers, then SplitMix64's finaliser (Stafford's mix 13).
+_SEED_MUL, _CTR_MUL = 0xD1B54A32D192ED03, 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2 ** 64:
+        raise ActVarError(f"invalid --seed {seed}: seeds are unsigned 64-bit integers (0 .. 2^64-1)")
+
+
+def noise_for(n_images: int, seed: int, total_tokens: int = TOTAL_TOKENS, first_image: int = 0) -> torch.Tensor:
+    """The canonical uniforms u (n_images, total_tokens) float32 of design §3.1 for images
+    first_image .. first_image + n_images - 1 of a request: a counter-based hash of (seed, image,
+    token), so image b gets the same u whatever the batching, device or language."""
+    check_seed(seed)
+    if not 0 < total_tokens <= TOTAL_TOKENS or n_images < 0 or first_image < 0:
+        raise ActVarError(f"invalid noise request: {n_images} images from {first_image}, {total_tokens} tokens")
+    b = np.arange(first_image, first_image + n_images, dtype=np.uint64)[:, None]
+    t = np.arange(total_tokens, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):     # uint64 arithmetic wraps modulo 2^64, as §3.1 specifies
+        c = b * np.uint64(TOTAL_TOKENS) + t + np.uint64(1)
+        z = (np.uint64(seed) * np.uint64(_SEED_MUL)) ^ (c * np.uint64(_CTR_MUL))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)   # < 2^24: exact in float32
+    return torch.from_numpy(u)

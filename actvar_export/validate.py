@@ -5,7 +5,9 @@ decision cannot cascade across scales. Discrete outputs (selected tokens, expert
 differ only where the reference's own margin is below the tolerance; a scale whose selection or
 routing flipped is reported as diverged-but-explained and its continuous outputs are not compared.
 All failures are collected before one error is raised. End to end, the same uniforms u drive the
-reference and the bundle, and token agreement and image PSNR are reported.
+reference and the bundle, and token agreement and image PSNR are reported; once one sampled id
+differs the two runs follow different samples, so that first differing scale must be explained by
+the reference's own sampler margin there (u within rounding of a CDF boundary).
 """
 from __future__ import annotations
 
@@ -110,12 +112,13 @@ class Report:
     token_agreement: Optional[float] = None
     per_scale_token_agreement: Optional[List[float]] = None
     psnr_db: Optional[float] = None
+    divergence: Optional[str] = None                            # end to end: where the ids first differ
+    end_to_end_failures: List[str] = field(default_factory=list)
     images: Optional[dict] = field(default=None, repr=False)   # {"reference", "bundle"} arrays, not serialised
 
     @property
     def failures(self) -> List[str]:
-        f = [msg for s in self.scales for msg in s.failures]
-        return f
+        return [msg for s in self.scales for msg in s.failures] + self.end_to_end_failures
 
     def to_dict(self):
         d = asdict(self)
@@ -134,6 +137,8 @@ class Report:
                          f"{fmt('x_next')} {pct('idx')} {pct('sel_idx')} {pct('experts')}{note}")
         if self.token_agreement is not None:
             lines.append(f"end to end: token agreement {100 * self.token_agreement:.3f}%, image PSNR {self.psnr_db:.1f} dB")
+        if self.divergence:
+            lines.append(f"end to end: {self.divergence}")
         return "\n".join(lines)
 
 
@@ -200,6 +205,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def first_divergence(ids: List[np.ndarray], steps: List[dict], tol: dict):
+    """End to end: (None, None) when every sampled id matches the reference; else (message, ok) for the
+    first scale that differs, ok when every differing id there has a reference margin below tolerance."""
+    for si, got in enumerate(ids):
+        eq = got == steps[si]["outputs"]["idx"]
+        if eq.all():
+            continue
+        m = steps[si]["margins"]["idx"][~eq]
+        ok = bool(np.all(m < tol["margin"]))
+        msg = (f"sampled ids first differ at scale {si} ({int((~eq).sum())} tokens) where the reference margin "
+               f"is up to {m.max():.1e} {'<' if ok else '>='} {tol['margin']:.0e}; later scales follow different samples")
+        return msg, ok
+    return None, None
+
+
 def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: int, settings: SampleSettings,
                     precision: str, end_to_end: bool = True, progress=None) -> Report:
     from .runtime.loop import run_bundle
@@ -223,6 +243,9 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
         per = [float((a == r.cpu().numpy()).mean()) for a, r in zip(ids, ref.idx)]
         rep.per_scale_token_agreement = per
         rep.token_agreement = float(sum(p * n for p, n in zip(per, SCALE_LENS)) / TOTAL_TOKENS)
+        rep.divergence, ok = first_divergence(ids, steps, tol)
+        if ok is False:
+            rep.end_to_end_failures.append(f"end to end: {rep.divergence}")
         rep.psnr_db = psnr(images, ref.images_B3HW.cpu().numpy())
         rep.images = {"reference": ref.images_B3HW.cpu().numpy(), "bundle": images}
     return rep

@@ -174,8 +174,32 @@ section_ortops() {
     return ${PIPESTATUS[0]}
 }
 
+section_cpp() {
+    # engines/ (actvar-run) on the GPU against the Python runtime: ids identical, images/s at batch 1 and 16,
+    # d16 fp16 portable, then plugin (needs ACTVAR_ORT_OPS_LIB, the project's ONNX Runtime custom-op library).
+    # Uses the onnxruntime-gpu wheel of section ort (/tmp/site) for both sides.
+    echo "== cpp: engines/ build + actvar-run vs the Python runtime"
+    [ -d /tmp/site/onnxruntime ] || { echo "no /tmp/site/onnxruntime: run section ort first"; return 1; }
+    local b=$ROOT/build/engines_gpu rc=0
+    cmake -S engines -B "$b" -DONNXRUNTIME_INCLUDE_DIR="$ROOT/../shared/sdk/onnxruntime-1.29/include" \
+        -DONNXRUNTIME_LIB_DIR=/tmp/site/onnxruntime/capi -DTensorRT_INCLUDE_DIR="$ROOT/../shared/sdk/tensorrt-11.1/include" \
+        > "$OUT/cpp_build.log" 2>&1 && cmake --build "$b" -j "$(nproc)" >> "$OUT/cpp_build.log" 2>&1 || { tail -20 "$OUT/cpp_build.log"; return 1; }
+    PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_cpp.py --actvar-run "$b/actvar-run" --lowering portable \
+        --workdir "/tmp/cppbench_$$" --json "$OUT/bench_cpp_portable.json" > "$OUT/bench_cpp.log" 2>&1 || rc=1
+    if [ -n "${ACTVAR_ORT_OPS_LIB:-}" ]; then
+        PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_cpp.py --actvar-run "$b/actvar-run" --lowering plugin \
+            --custom-op-library "$ACTVAR_ORT_OPS_LIB" --workdir "/tmp/cppbench_$$" --json "$OUT/bench_cpp_plugin.json" \
+            >> "$OUT/bench_cpp.log" 2>&1 || rc=1
+    else
+        echo "plugin bundles: skipped (set ACTVAR_ORT_OPS_LIB to the ONNX Runtime custom-op library)"
+    fi
+    rm -rf "/tmp/cppbench_$$"
+    tail -12 "$OUT/bench_cpp.log"
+    return $rc
+}
+
 ALL=(kernels)
-for s in ort ortops trtplugins; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort ortops trtplugins cpp; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from actvar_export.generate import SampleSettings, generate
-from actvar_export.sampling import filter_top_k_top_p, inverse_cdf, sample_noise, sample_official
+from actvar_export.errors import ActVarError
+from actvar_export.sampling import filter_top_k_top_p, inverse_cdf, noise_for, sample_noise, sample_official
 from actvar_export.config import ActVarConfig
 
 from .conftest import make_model
@@ -82,6 +83,46 @@ def test_official_sampler_reproduces_multinomial_stream():
         want = torch.multinomial(torch.stack(probs), 1, replacement=True, generator=ref_rng).view(2, 30)
         got = sample_official(logits, 900, 0.95, torch.Generator().manual_seed(seed))
         assert torch.equal(got, want)
+
+
+M64 = 2 ** 64
+
+
+def u_by_hand(seed: int, b: int, t: int) -> float:
+    """Design §3.1 written out with Python integers, one step per line, each reduced mod 2^64."""
+    c = (b * 680 + t + 1) % M64
+    z = ((seed * 0xD1B54A32D192ED03) % M64) ^ ((c * 0x9E3779B97F4A7C15) % M64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % M64
+    z = z ^ (z >> 31)
+    return (z >> 40) / 2 ** 24
+
+
+@pytest.mark.parametrize("seed, b, t", [(0, 0, 0), (0, 0, 1), (7, 3, 679), (2 ** 64 - 1, 1, 5), (123456789, 2, 424)])
+def test_canonical_noise_pinned_by_hand(seed, b, t):
+    u = noise_for(b + 1, seed, 680)
+    assert u.dtype == torch.float32 and u.shape == (b + 1, 680)
+    assert u[b, t].item() == u_by_hand(seed, b, t)      # exact: (z >> 40) < 2^24 is exact in float32
+
+
+def test_canonical_noise_anchored_to_splitmix64():
+    """With seed 0, z before mixing is c·0x9E3779B97F4A7C15, SplitMix64's state after c steps from 0,
+    so u's top 24 bits are the published SplitMix64(0) outputs 0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
+    0x06C45D188009454F (Vigna's reference splitmix64.c)."""
+    u = noise_for(1, 0, 680)[0, :3].tolist()
+    assert u == [0xE220A8 / 2 ** 24, 0x6E789E / 2 ** 24, 0x06C45D / 2 ** 24]
+    assert [u_by_hand(0, 0, t) for t in range(3)] == u
+
+
+def test_canonical_noise_is_independent_of_batching():
+    whole = noise_for(7, 99, 680)
+    assert torch.equal(noise_for(3, 99, 680, first_image=4), whole[4:])
+    assert torch.equal(noise_for(1, 99, 680, first_image=2)[0], whole[2])
+    assert not torch.equal(whole[0], whole[1]) and not torch.equal(whole, noise_for(7, 100, 680))
+    assert 0.0 <= whole.min() and whole.max() < 1.0 and abs(whole.mean().item() - 0.5) < 0.01
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ActVarError, match="seed"):
+            noise_for(1, bad, 680)
 
 
 def test_seeds(vae):

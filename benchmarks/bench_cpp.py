@@ -1,0 +1,91 @@
+"""C++ runtime (`actvar-run`, engines/) against the Python runtime on the same bundle and GPU: sampled ids
+identical for the same classes and seed, and images/second (median) at each batch. Prints a table, writes JSON.
+
+    python3 benchmarks/bench_cpp.py --actvar-run build/engines/actvar-run --depth 16 --precision fp16 \
+        --lowering portable --batches 1,16 --json $OUT/bench_cpp.json [--custom-op-library LIB]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--actvar-run", required=True)
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--lowering", default="portable", choices=["portable", "plugin"])
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--custom-op-library", default=None, help="plugin bundles: the ONNX Runtime custom-op library")
+    ap.add_argument("--workdir", default="/tmp/cppbench")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    import onnxruntime as ort
+    import torch
+    from actvar_export.bundle import Bundle, build_bundle
+    from actvar_export.checkpoint import save_atomic
+    from actvar_export.fsutil import write_json_atomic
+    from actvar_export.init import init_checkpoint
+    from actvar_export.runtime.loop import run_bundle_device
+    from actvar_export.runtime.ort_backend import OrtBackend
+    from actvar_export.sampling import noise_for
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ck = work / f"d{a.depth}.pt"
+    if not ck.exists():
+        save_atomic(init_checkpoint(a.depth, seed=0), ck)
+    rows, status = [], 0
+    for B in [int(b) for b in a.batches.split(",")]:
+        bpath = build_bundle(ck, work / f"bundle_d{a.depth}_{a.precision}_{a.lowering}_b{B}", batch=B,
+                             precision=a.precision, lowering=a.lowering, force=True, show_progress=False)
+        labels = [(37 * i) % 1000 for i in range(B)]
+        backend = OrtBackend(Bundle.open(bpath), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        lab, u = np.array(labels, np.int64), noise_for(B, a.seed, 680).numpy()
+        _, ids = run_bundle_device(backend, lab, u, 1.5, 0.96)     # warm-up, and the Python runtime's ids
+        times = []
+        for _ in range(a.iters):
+            t = time.perf_counter()
+            run_bundle_device(backend, lab, u, 1.5, 0.96)
+            times.append(time.perf_counter() - t)
+        py_ips = B / float(np.median(times))
+        del backend
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            cmd = [a.actvar_run, "--bundle", str(bpath), "--classes", ",".join(map(str, labels)), "--seed", str(a.seed),
+                   "--cfg", "1.5", "--top-p", "0.96", "--device", "cuda", "--iters", str(a.iters),
+                   "--out", f"{tmp}/g.png", "--ids", f"{tmp}/ids.npy"]
+            if a.custom_op_library:
+                cmd += ["--custom-op-library", a.custom_op_library]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                print(r.stderr, file=sys.stderr)
+                return 1
+            cpp_ids = np.load(f"{tmp}/ids.npy")
+        cpp_ips = float(re.search(r"\(([\d.]+) images/s", r.stdout).group(1))
+        same = bool(np.array_equal(cpp_ids, np.concatenate([np.asarray(i).reshape(B, -1) for i in ids], axis=1)))
+        status |= not same or cpp_ips < py_ips
+        rows.append({"batch": B, "ids_identical": same, "cpp_images_per_s": cpp_ips, "python_images_per_s": py_ips,
+                     "python_seconds_per_batch": times, "actvar_run": r.stdout.strip()})
+    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown",
+           "onnxruntime": ort.__version__, "depth": a.depth, "precision": a.precision, "lowering": a.lowering,
+           "seed": a.seed, "iters": a.iters, "rows": rows}
+    if a.json:
+        write_json_atomic(a.json, res)
+    print(f"\n{'d%d %s %s on %s' % (a.depth, a.precision, a.lowering, res['device']):<40} {'ids same':>9} {'C++ img/s':>10} {'Python img/s':>12}")
+    for r in rows:
+        print(f"{'batch %d' % r['batch']:<40} {str(r['ids_identical']):>9} {r['cpp_images_per_s']:>10.2f} {r['python_images_per_s']:>12.2f}")
+    return int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

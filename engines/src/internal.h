@@ -1,0 +1,74 @@
+// Internals shared by the runtime's sources (not installed).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "actvar/runtime.h"
+
+namespace actvar {
+
+constexpr int kNumScales = 10;
+constexpr std::array<int, kNumScales> kPatchNums{1, 2, 3, 4, 5, 6, 8, 10, 13, 16};
+int scale_begin(int si);   // first token of scale si (0, 1, 5, 14, ...)
+
+struct TensorSpec {
+    std::string dtype;          // manifest spelling: float32, int64, ... ("P" = the bundle's precision)
+    std::vector<int64_t> shape;
+};
+struct GraphSpec {
+    std::string file;
+    std::map<std::string, TensorSpec> inputs, outputs;
+};
+
+// A bundle checked against its manifest: every listed file present with its size (and sha256).
+struct Bundle {
+    BundleInfo info;
+    std::map<std::string, GraphSpec> graphs;      // step_0 .. step_9, decoder
+    static Bundle open(const std::string& dir, bool verify_digests);
+    std::string file(const std::string& name) const { return info.path + "/" + name; }
+};
+
+// A read-only mapping of a whole file.
+class MappedFile {
+public:
+    explicit MappedFile(const std::string& path);
+    ~MappedFile();
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    const uint8_t* data() const { return data_; }
+    size_t size() const { return size_; }
+private:
+    uint8_t* data_ = nullptr;
+    size_t size_ = 0;
+};
+
+std::string sha256_file(const std::string& path);
+std::vector<uint8_t> read_file(const std::string& path);
+
+// One batch through the 10 steps and the decoder: u_B680 row-major batch x 680; image_B3HW float in [0, 1]
+// before clamping (the decoder's output); ids_B680 optional.
+class Engine {
+public:
+    virtual ~Engine() = default;
+    virtual std::string describe() const = 0;
+    virtual void run(const int64_t* labels, const float* u_B680, float cfg, float top_p, float* image_B3HW,
+                     int64_t* ids_B680) = 0;
+};
+
+std::unique_ptr<Engine> make_ort_engine(const Bundle& bundle, const Options& options);
+std::unique_ptr<Engine> make_trt_engine(const Bundle& bundle, const Options& options);
+
+// ONNX initializers stored in an external file: name, element type (TensorProto enum), dims, offset, length.
+struct ExternalInitializer {
+    std::string name, location;
+    int data_type = 0;
+    std::vector<int64_t> dims;
+    uint64_t offset = 0, length = 0;
+};
+std::vector<ExternalInitializer> external_initializers(const std::string& onnx_path);
+
+}  // namespace actvar
