@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import sys
@@ -16,6 +15,7 @@ from typing import Callable, Dict, Optional
 
 from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, TOPK_LIMIT_TRT, cache_len_after
 from .errors import ActVarError, BundleError
+from .fsutil import replace_dir
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -138,14 +138,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             "weights_bytes": store.total_bytes,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        return out
+        return replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -111,8 +111,9 @@ def init_ckpt(depth, dense, experts, seed, out):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @_apply(actvar_options)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+@click.option("--raw", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the uint8 images (N, 256, 256, 3) as .npy.")
 def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampler, more_smooth, precision, device,
-           token_ratio, expert_ratio, active_scales, out):
+           token_ratio, expert_ratio, active_scales, out, raw):
     """Generate images and write a labelled PNG grid: with the PyTorch reference (--ckpt), or
     through ONNX Runtime from a bundle (--bundle; top-k and precision are fixed by the bundle)."""
     if (ckpt is None) == (bundle is None):
@@ -125,7 +126,7 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
         for name in ("vae", "precision", "device", "token_ratio", "expert_ratio", "active_scales"):
             if given(name):
                 raise ActVarError(f"--{name.replace('_', '-')} applies to --ckpt only: a bundle fixes it at build time")
-        return _sample_bundle(bundle, providers, classes, seed, cfg, top_k if given("top_k") else None, top_p, out)
+        return _sample_bundle(bundle, providers, classes, seed, cfg, top_k if given("top_k") else None, top_p, out, raw)
     import torch
     from tqdm import tqdm
     from .checkpoint import build_models, load_checkpoint
@@ -154,7 +155,10 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     kind = f"ActVAR-d{ck.spec.var.depth}" if ck.spec.is_actvar else f"VAR-d{ck.spec.var.depth}"
     title = f"{kind} seed={seed} cfg={cfg} top_k={top_k} top_p={top_p} {sampler}" + (" [RANDOM WEIGHTS]" if random_note else "")
     save_grid(res.images_B3HW, out, labels=[f"class {c}" for c in labels], title=title)
-    click.echo(f"wrote {out}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
+    if raw:
+        from .images import save_raw, to_uint8
+        save_raw(to_uint8(res.images_B3HW), raw)
+    click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
     if random_note:
         click.echo(RANDOM_WARNING, err=True)
 
@@ -172,39 +176,28 @@ def _providers(text):
     return out
 
 
-def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out):
-    import numpy as np
-    import torch
+def _sample_bundle(bundle, providers, classes, seed, cfg, top_k, top_p, out, raw):
     from tqdm import tqdm
-    from .bundle import Bundle
-    from .config import NUM_SCALES, TOTAL_TOKENS
-    from .images import save_grid
-    from .runtime.loop import run_bundle
-    from .runtime.ort_backend import OrtBackend
-    from .sampling import noise_for
-    b = Bundle.open(bundle, show_progress=True)
-    if top_k is not None and top_k != b.manifest["top_k"]:
-        raise ActVarError(f"the bundle was built with top-k {b.manifest['top_k']} (static in its graphs); "
-                          f"rebuild with --top-k {top_k}")
+    from .config import NUM_SCALES
+    from .images import save_grid, save_raw
+    from .serving.generator import check_job, load_generator
     labels = _ints(classes, "classes")
     if not labels or any(not 0 <= c < 1000 for c in labels):
         raise ActVarError(f"invalid classes {classes!r}: ImageNet ids are 0..999")
-    B = b.batch
-    images, t = [], time.time()
-    backend = OrtBackend(b, _providers(providers))
-    chunks = [labels[i:i + B] for i in range(0, len(labels), B)]
-    bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
-    for ci, chunk in enumerate(chunks):
-        lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
-        u = noise_for(B, seed + ci, TOTAL_TOKENS).numpy()
-        img, _, _, _ = run_bundle(backend, lab, u, cfg, top_p, progress=lambda si: bar.update(1))
-        images.append(torch.from_numpy(img[:len(chunk)]))
+    gen = load_generator(bundle, _providers(providers))
+    m = gen.backend.bundle.manifest
+    if top_k is not None and top_k != m["top_k"]:
+        raise ActVarError(f"the bundle was built with top-k {m['top_k']} (static in its graphs); rebuild with --top-k {top_k}")
+    t = time.time()
+    bar = tqdm(total=NUM_SCALES * -(-len(labels) // gen.batch), desc="scales", unit="scale", file=sys.stderr)
+    images = gen.run([check_job(labels, seed, cfg, top_p)], progress=lambda si: bar.update(1))[0]
     bar.close()
-    m = b.manifest
     title = (f"bundle d{m['model']['depth']} {m['precision']} {m['lowering']} seed={seed} cfg={cfg} "
-             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.provider_names)}]")
-    save_grid(torch.cat(images), out, labels=[f"class {c}" for c in labels], title=title)
-    click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.provider_names)}), {time.time() - t:.1f}s")
+             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(gen.backend.provider_names)}]")
+    save_grid(images, out, labels=[f"class {c}" for c in labels], title=title)
+    if raw:
+        save_raw(images, raw)
+    click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images through {gen.name}, {time.time() - t:.1f}s")
 
 
 @main.command()
@@ -369,6 +362,55 @@ def engines(bundle, graphs):
     click.echo(f"wrote {len(res['graphs'])} engine(s) + {ENGINES_JSON} into {bundle}: {total / 1e6:.1f} MB, "
                f"{res['tensorrt']['module']} {res['tensorrt']['version']}, {res['lowering']} lowering, "
                f"{plugins} plugin layer(s) ({time.time() - t:.1f}s); built only, not run")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model repository to write.")
+@click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python", show_default=True,
+              help="python: graphs in-process in the `actvar` model; onnxruntime / tensorrt: step and decoder models it calls.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances of each model (instance_group count).")
+@click.option("--max-queue-delay-us", type=int, default=2000, show_default=True, help="Dynamic batcher's wait for more requests.")
+@click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier.")
+def triton(bundle, out, backend, instances, max_queue_delay_us, force):
+    """Write a Triton Inference Server model repository for a bundle (config.pbtxt files, models, README
+    with the server command lines), into a temporary directory renamed when complete."""
+    from .serving.repository import write_repository
+    p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force)
+    click.echo(f"wrote {p}: Triton model repository ({backend}); see {p / 'README.md'}")
+
+
+@main.command()
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="A model repository from `triton`.")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+def serve(repo, http_port, grpc_port):
+    """Start tritonserver on a model repository (loopback), wait until it is ready, print the endpoints;
+    Ctrl-C or SIGTERM stops it."""
+    from .serving.server import serve as run
+    sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True)))
+
+
+@main.command()
+@click.option("--url", required=True, help="Server address, e.g. 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC).")
+@click.option("--classes", required=True, help="ImageNet class ids, comma separated.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cfg", type=float, default=None, help="Guidance strength (default: the model's).")
+@click.option("--top-p", type=float, default=None, help="Top-p (default: the model's).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+@click.option("--raw", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the uint8 images as .npy.")
+def request(url, classes, seed, cfg, top_p, protocol, out, raw):
+    """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw)."""
+    from .images import save_grid, save_raw
+    from .serving.client import request_images
+    labels = _ints(classes, "classes")
+    t = time.time()
+    images = request_images(url, labels, seed, protocol, cfg, top_p)
+    save_grid(images, out, labels=[f"class {c}" for c in labels], title=f"triton {url} seed={seed}")
+    if raw:
+        save_raw(images, raw)
+    click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images from {url} ({protocol}), {time.time() - t:.1f}s")
 
 
 if __name__ == "__main__":

@@ -6,20 +6,28 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
 
 from .fsutil import atomic_write
 
 
-def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
-    return (images_B3HW.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+def to_uint8(images_B3HW) -> np.ndarray:
+    """Images in [0, 1] (B, 3, H, W; a torch tensor or a float32 array) as uint8 (B, H, W, 3): clamp,
+    ×255 in float32, round half to even. The one conversion every path uses (CLI, Triton models)."""
+    x = images_B3HW.detach().float().cpu().numpy() if hasattr(images_B3HW, "detach") else np.asarray(images_B3HW, np.float32)
+    return np.rint(np.clip(x, 0, 1) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def save_grid(images_B3HW: torch.Tensor, out: Path, labels: Optional[Sequence[str]] = None,
+def save_raw(images_BHW3: np.ndarray, out: Path) -> Path:
+    """The uint8 images (B, H, W, 3) as a .npy file, atomically."""
+    return atomic_write(out, lambda tmp: np.save(tmp, np.ascontiguousarray(images_BHW3, np.uint8)), suffix=".npy")
+
+
+def save_grid(images, out: Path, labels: Optional[Sequence[str]] = None,
               title: Optional[str] = None, cols: Optional[int] = None) -> Path:
-    """Write a grid with one caption under each image (and an optional title) atomically."""
-    imgs = to_uint8(images_B3HW)
+    """Write a grid with one caption under each image (and an optional title) atomically. `images`
+    are floats in [0, 1] (B, 3, H, W) or already uint8 (B, H, W, 3)."""
+    from PIL import Image, ImageDraw
+    imgs = images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8(images)
     B, H, W, _ = imgs.shape
     cols = cols or min(B, 4)
     rows = math.ceil(B / cols)

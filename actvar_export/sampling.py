@@ -69,3 +69,11 @@ def noise_for(batch: int, seed: int, total_tokens: int) -> torch.Tensor:
     """The canonical uniform tensor u (B, 680) for a seed: what every backend is fed."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand(batch, total_tokens, generator=g, dtype=torch.float32)
+
+
+def request_noise(n_images: int, seed: int):
+    """The uniforms u (n_images, 680) float32 of one request: what a request's images depend on, with its
+    classes, cfg and top_p (never on how requests are packed into batches). Every serving path takes
+    them from here."""
+    from .config import TOTAL_TOKENS
+    return noise_for(n_images, seed, TOTAL_TOKENS).numpy()
