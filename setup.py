@@ -22,6 +22,9 @@ setup(
         # nvidia-cublas: only its cublasLt.h, so that CI compiles the plugins' cuBLASLt path (opened at run time)
         "test": ["pytest>=8", "onnxruntime==1.30.0", "tensorrt-rtx-cu13", "nvidia-cublas>=13,<14"],
         "trt": ["tensorrt-rtx-cu13", "polygraphy"],
+        # serving: the nvidia-pytriton wheel's tritonserver (it declares numpy<2: `pip install --no-deps nvidia-pytriton`
+        # keeps numpy 2 here; `serve` gives the models their own numpy<2 environment) and the client
+        "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]>=2.50"],
     },
     entry_points={"console_scripts": ["actvar-export=actvar_export.cli:main"]},
 )

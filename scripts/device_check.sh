@@ -3,7 +3,7 @@
 #   scripts/device_check.sh                # every section present, in order
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
-# Sections: build, tests, bench (kernels = build tests bench), probe (the expert GEMMs alone,
+# Sections: build, tests, bench (kernels = build tests bench), ort, triton, probe (the expert GEMMs alone,
 # benchmarks/gemm_probe.cu; not in the default list). Other sections (e.g. ort) can be added as functions named
 # section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
@@ -100,8 +100,24 @@ section_ort() {
     return ${PIPESTATUS[0]}
 }
 
+section_triton() {
+    # Triton serving throughput (benchmarks/bench_triton.py) over the GPU runtime: the `python` repository of a
+    # d16 bundle at 1, 4, 16 concurrent clients beside the in-process runtime. The device reaches no package
+    # index: TRITON_WHEELS (default /tmp/triton_wheels) must hold the wheels for this Python: nvidia-pytriton
+    # 0.7.0, numpy<2 (the models' environment), tritonclient[grpc] with grpcio and protobuf; pip reads them
+    # through PIP_NO_INDEX / PIP_FIND_LINKS, also when `serve` makes the models' environment.
+    echo "== triton: tritonserver (nvidia-pytriton) vs in-process images/s"
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS=${TRITON_WHEELS:-/tmp/triton_wheels}
+    python3 -c "import tritonclient.grpc" 2>/dev/null ||
+        python3 -m pip install -q --no-deps nvidia-pytriton tritonclient grpcio python-rapidjson || return 1
+    [ -d /tmp/site/onnxruntime ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 benchmarks/bench_triton.py ${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
+        --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton.json" 2>&1 | tee "$OUT/bench_triton.log" | tail -20
+    return ${PIPESTATUS[0]}
+}
+
 ALL=(kernels)
-for s in ort; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort triton; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 
