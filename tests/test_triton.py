@@ -94,15 +94,15 @@ def test_http_and_grpc_images_equal_sample_raw(server, bundle, tmp_path):
     assert "3 images" in r.stdout
     assert np.array_equal(np.load(tmp_path / "h.npy"), ref)
     assert np.array_equal(request_images(server["grpc"], [207, 360, 387], 5, "grpc"), ref)
-    # a different seed gives different images: the comparison can fail
-    assert not np.array_equal(request_images(server["http"], [207, 360, 387], 6), ref)
 
 
 def test_concurrent_clients_packed(server, bundle):
     from actvar_export.serving.client import request_images
     from actvar_export.serving.generator import Job, load_generator
-    distinct = [((1,), 11), ((2,), 12), ((3, 4), 13), ((999,), 14)]
+    distinct = [((1,), 11), ((1,), 12), ((3,), 13), ((999,), 14)]
     refs = load_generator(bundle).run([Job(c, s) for c, s in distinct])   # this process's own ONNX Runtime run
+    for i in range(len(refs)):   # every request has its own images, so a mix-up cannot pass
+        assert all(not np.array_equal(refs[i], refs[j]) for j in range(i))
     got, errors = {}, []
 
     def client(k):
@@ -267,6 +267,7 @@ def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, tmp_path):
             import tensorrt  # noqa: F401
         except ImportError:
             pytest.skip("neither tensorrt nor tensorrt_rtx imports here")
+    from tritonclient.grpc import model_config_pb2
     from actvar_export.bundle import build_bundle
     from actvar_export.serving.repository import write_repository
     b = build_bundle(actvar_ckpt, tmp_path / "bp", batch=1, precision="fp16", lowering="plugin", show_progress=False)
@@ -281,7 +282,10 @@ def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, tmp_path):
         if name != "actvar":
             assert c.platform == "tensorrt_plan"
             assert (repo / name / "1" / "model.plan").stat().st_size > 0
-            fp16 = [i.name for i in c.input if i.data_type == 11]   # TYPE_FP16: the packed KV cache
-            assert fp16 == (["kv_in"] if name.startswith("step_") and name != "step_0" else []), (name, fp16)
+            gi = json.loads((b / "manifest.json").read_text())["graphs"][name]
+            want = {k: {"P": "TYPE_FP16", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}[t]
+                    for k, (t, _) in {**gi["inputs"], **gi["outputs"]}.items()}
+            got = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in list(c.input) + list(c.output)}
+            assert got == want, name   # the fp16 bundle's packed KV cache is FP16, the rest as exported
     _readme_paths_exist(repo)
     assert "wrote" in r.stdout

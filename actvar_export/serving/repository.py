@@ -139,8 +139,8 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
                 if lib.is_file():
                     files["plugins/libactvar_plugins.so"] = lib
                 else:
-                    notes.append(f"no plugin library at {lib}: build plugins/ (or set ACTVAR_PLUGIN_LIB) and rerun, "
-                                 f"then pass --backend-config=tensorrt,plugins=$REPO/plugins/libactvar_plugins.so")
+                    notes.append(f"no plugin library was found ({lib}): build plugins/ (or set ACTVAR_PLUGIN_LIB) and "
+                                 f"write this repository again; its server commands then name the library")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
