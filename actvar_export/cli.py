@@ -404,7 +404,9 @@ def request(url, classes, seed, cfg, top_p, protocol, out, raw):
     """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw)."""
     from .images import save_grid, save_raw
     from .serving.client import request_images
+    from .serving.generator import DEFAULT_CFG, DEFAULT_TOP_P, check_job
     labels = _ints(classes, "classes")
+    check_job(labels, seed, DEFAULT_CFG if cfg is None else cfg, DEFAULT_TOP_P if top_p is None else top_p)
     t = time.time()
     images = request_images(url, labels, seed, protocol, cfg, top_p)
     save_grid(images, out, labels=[f"class {c}" for c in labels], title=f"triton {url} seed={seed}")

@@ -77,3 +77,16 @@ def test_request_noise_is_the_requests_uniforms():
     assert u.shape == (3, TOTAL_TOKENS) and u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
     assert np.array_equal(u, noise_for(3, 9, TOTAL_TOKENS).numpy())
     assert not np.array_equal(u, request_noise(3, 10))
+
+
+def test_no_server_is_one_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+    from actvar_export.serving import server
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ActVarError, match="no Triton server found"):
+        server.find_server()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text('name: "m"')
+    with pytest.raises(ActVarError, match="no Triton server found"):
+        server.TritonServer(tmp_path).start()

@@ -84,15 +84,19 @@ def models_env(say: Callable[[str], None] = print) -> Path:
     key = hashlib.sha256("\n".join([sys.executable, str(root)] + dirs).encode()).hexdigest()[:10]
     target = cache_dir() / f"models-py{sys.version_info[0]}.{sys.version_info[1]}-{key}"
 
+    def run(*cmd) -> str:
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+        if r.returncode:
+            last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ActVarError(f"cannot set up the models' Python environment in {target}: {last[0]}")
+        return r.stdout.strip()
+
     def make(tmp: Path):
         say(f"setting up the models' Python environment in {target} (numpy<2; once) ...")
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], check=True)
-        purelib = subprocess.run([str(tmp / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                 check=True, capture_output=True, text=True).stdout.strip()
-        r = subprocess.run([sys.executable, "-m", "pip", "--python", str(tmp / "bin" / "python"), "install", "-q",
-                            "--disable-pip-version-check", "numpy<2"], capture_output=True, text=True)
-        if r.returncode:
-            raise ActVarError(f"cannot install numpy<2 into the models' environment: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        run(sys.executable, "-m", "venv", "--without-pip", tmp)
+        purelib = run(tmp / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
+        run(sys.executable, "-m", "pip", "--python", tmp / "bin" / "python", "install", "-q",
+            "--disable-pip-version-check", "numpy<2")
         Path(purelib, "actvar_export_parent.pth").write_text(
             (f"{root}\n" if root else "") + "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
     return _atomic_dir(target, make)
@@ -249,6 +253,8 @@ def serve(repo, http_port: Optional[int], grpc_port: Optional[int], say: Callabl
     except KeyboardInterrupt:
         rc = srv.stop()
         say(f"tritonserver stopped (exit {rc})")
+        if rc == 0:
+            srv.log_path.unlink(missing_ok=True)
         return rc
     finally:
         if srv.proc is not None and srv.proc.poll() is None:
