@@ -1,14 +1,15 @@
 """The README written into a model repository: what is in it and the exact server command lines."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 TRITON_CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"   # Triton 2.51, the nvidia-pytriton 0.7.0 wheel's server
 SERVER_FLAGS = ("--allow-metrics=false --disable-auto-complete-config --exit-on-error=true "
                 "--strict-readiness=true --exit-timeout-secs=5")
 
 
-def repository_readme(backend: str, manifest: dict, models: List[str], plugin_lib: bool, notes: List[str]) -> str:
+def repository_readme(backend: str, manifest: dict, models: List[str], plugin_lib: bool, notes: List[str],
+                      repo: str, src: Optional[str]) -> str:
     m = manifest
     plugins = " --backend-config=tensorrt,plugins=/models/plugins/libactvar_plugins.so" if plugin_lib else ""
     pip_plugins = " --backend-config=tensorrt,plugins=$REPO/plugins/libactvar_plugins.so" if plugin_lib else ""
@@ -28,7 +29,10 @@ def repository_readme(backend: str, manifest: dict, models: List[str], plugin_li
         + (", `$REPO/step_0/config.pbtxt` ... `$REPO/decoder/config.pbtxt`" if backend != "python" else "")
         + (", `$REPO/plugins/libactvar_plugins.so`" if plugin_lib else "") + ".",
         "",
-        "Set `REPO` to this directory first: `export REPO=$(pwd)` here.",
+        "The commands below use two variables:",
+        "",
+        f"    export REPO={repo}",
+        f"    export SRC={src or '/path/to/actvar-export'}      # an actvar-export source checkout (for the container)",
         "",
         "## pip-installed server (the nvidia-pytriton wheel's tritonserver)",
         "",
@@ -37,7 +41,8 @@ def repository_readme(backend: str, manifest: dict, models: List[str], plugin_li
         "",
         "`serve` prepares what the wheel's server needs (a backend directory linking the wheel's Python backend,",
         "a small virtual environment with numpy<2 for the models: Triton 2.51's Python backend corrupts tensors",
-        "under numpy 2) and then runs:",
+        "under numpy 2) and then runs, with PATH starting with that environment's bin/ and LD_LIBRARY_PATH holding",
+        "its Python's library directory (BK: the backend directory `serve` prepares, ~/.cache/actvar-export/backends-*):",
         "",
         f"    tritonserver --model-repository=\"$REPO\" --backend-directory=BK --http-address=127.0.0.1 --http-port=8000 "
         f"--grpc-address=127.0.0.1 --grpc-port=8001 {SERVER_FLAGS}{pip_plugins}",
@@ -47,10 +52,8 @@ def repository_readme(backend: str, manifest: dict, models: List[str], plugin_li
         "The Python models import the `actvar_export` package: install it (and numpy<2) in the container.",
         "",
         f"    docker run --rm --gpus=all --shm-size=1g -p 8000:8000 -p 8001:8001 -v \"$REPO\":/models "
-        f"-v \"$PWD\":/src {TRITON_CONTAINER} bash -c \"pip install -q 'numpy<2' /src && "
+        f"-v \"$SRC\":/src {TRITON_CONTAINER} bash -c \"pip install -q 'numpy<2' /src && "
         f"tritonserver --model-repository=/models {SERVER_FLAGS}{plugins}\"",
-        "",
-        "(run from an actvar-export checkout: it is mounted as /src).",
         "",
         "## A request",
         "",

@@ -151,7 +151,9 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
             (tmp / name / "config.pbtxt").write_text(text)
         (tmp / ACTVAR / "1" / "model.py").write_text(SHIM)
         from .readme import repository_readme
-        (tmp / "README.md").write_text(repository_readme(backend, m, sorted(configs), "plugins/libactvar_plugins.so" in files, notes))
+        from .server import package_root
+        (tmp / "README.md").write_text(repository_readme(backend, m, sorted(configs), "plugins/libactvar_plugins.so" in files,
+                                                         notes, str(out.resolve()), package_root()))
         (tmp / MARKER).write_text(json.dumps({"format": 1, "backend": backend, "bundle": str(b.path.resolve()),
                                               "manifest_sha256": sha256_file(b.path / MANIFEST),
                                               "models": sorted(configs), "notes": notes}, indent=1))
