@@ -90,3 +90,22 @@ def test_no_server_is_one_clear_error(monkeypatch, tmp_path):
     (tmp_path / "m" / "config.pbtxt").write_text('name: "m"')
     with pytest.raises(ActVarError, match="no Triton server found"):
         server.TritonServer(tmp_path).start()
+
+
+def test_sample_reference_raw(actvar_ckpt, tmp_path):
+    """`sample --ckpt ... --raw`: the uint8 images of the grid, as .npy (the bundle path: tests/test_triton.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from PIL import Image
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "actvar_export", "sample", "--ckpt", str(actvar_ckpt), "--classes", "1,2",
+                        "--sampler", "noise", "--out", str(tmp_path / "g.png"), "--raw", str(tmp_path / "g.npy")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    raw = np.load(tmp_path / "g.npy")
+    assert raw.shape == (2, 256, 256, 3) and raw.dtype == np.uint8 and raw.std() > 1
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    # the grid's first tile (4 px margin, 18 px title row) is the first raw image
+    assert np.array_equal(grid[22:22 + 256, 4:4 + 256], raw[0])
