@@ -49,7 +49,7 @@ def request_images(url: str, labels: Sequence[int], seed: int, protocol: str = "
             client.close()
     except InferenceServerException as e:
         raise ActVarError(f"{url} ({protocol}): {e.message() or e}") from None
-    except (OSError, ConnectionError) as e:
+    except OSError as e:
         raise ActVarError(f"{url} ({protocol}): cannot reach the server ({e})") from None
     images = res.as_numpy("images")
     return images.reshape((-1,) + images.shape[-3:])

@@ -50,14 +50,12 @@ def _config(name: str, head: str, inputs: List[str], outputs: List[str], instanc
             f"instance_group [ {{ count: {instances} }} ]\n{extra}")
 
 
-def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str, providers: str = "") -> str:
+def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str) -> str:
     """The `actvar` model: per request class_labels INT64 [n], seed INT64 [1], optional cfg / top_p FP32 [1]
     -> images UINT8 [n, 256, 256, 3], behind Triton's batch dimension (a request of k rows is k jobs), so
     the dynamic batcher hands several requests (any n: ragged) to one execution. No instance kind: Triton
     places it (KIND_GPU fails without a GPU)."""
     params = {"bundle": "bundle", "mode": mode, "cfg": repr(DEFAULT_CFG), "top_p": repr(DEFAULT_TOP_P)}
-    if providers:
-        params["providers"] = providers
     extra = f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
     extra += "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
     if mode == "inprocess":   # a BLS model cannot warm up: the models it calls may not be loaded yet
@@ -86,7 +84,7 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
-                     force: bool = False, providers: str = "") -> Path:
+                     force: bool = False) -> Path:
     from ..bundle import MANIFEST, Bundle, sha256_file
     from ..fsutil import replace_dir
     out = Path(out)
@@ -106,7 +104,7 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
         for name in m["files"]:
             files[f"{ACTVAR}/1/bundle/{name}"] = b.path / name
         files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
-        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess", providers)
+        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess")
     else:
         if m["precision"] == "bf16":
             raise ActVarError(f"{b.path}: a bf16 bundle has bf16 graph inputs, which the `actvar` model cannot feed "

@@ -170,7 +170,7 @@ class TritonServer:
         for attempt in range(3):
             if pick:
                 self.http_port, self.grpc_port = free_port(), free_port()
-            cmd = base + [f"--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
+            cmd = base + ["--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
                           f"--grpc-port={self.grpc_port}"] + SERVER_FLAGS + self.extra_args
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "wb") as log:
@@ -184,7 +184,6 @@ class TritonServer:
                 continue
             raise ActVarError(f"tritonserver did not become ready ({tail.strip().splitlines()[-1] if tail.strip() else 'no output'}; "
                               f"log: {self.log_path})")
-        raise AssertionError("unreachable")
 
     def _wait_ready(self, timeout: float) -> bool:
         end = time.time() + timeout

@@ -62,8 +62,7 @@ class TritonPythonModel:
             manifest = json.loads((bundle / "manifest.json").read_text())
             self.gen = BundleGenerator(manifest["batch"], BlsBackend(manifest), "triton bls")
         else:
-            providers = [p for p in params.get("providers", "").split(",") if p] or None
-            self.gen = load_generator(bundle, providers, verify=False)
+            self.gen = load_generator(bundle, verify=False)   # CUDA where ONNX Runtime has it, else CPU
 
     def execute(self, requests):
         """Every request (k rows of class_labels [k, n] + seed [k, 1]) becomes k jobs; all jobs of all
