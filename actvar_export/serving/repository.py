@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..errors import ActVarError
 from .generator import DEFAULT_CFG, DEFAULT_TOP_P
