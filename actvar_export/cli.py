@@ -171,41 +171,33 @@ def sample(ckpt, bundle, providers, vae, classes, seed, cfg, top_k, top_p, sampl
     save_grid(res.images_B3HW, out, labels=[f"class {c}" for c in labels], title=title)
     if raw:
         save_raw(res.images_B3HW, raw)
-    click.echo(f"wrote {out}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
+    click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images, {kind}, {time.time() - t:.1f}s")
     if random_note:
         click.echo(RANDOM_WARNING, err=True)
 
 
-def _sample_bundle(bundle, providers, labels, seed, cfg, top_k, top_p, out, raw=None):
-    import numpy as np
-    import torch
+def _sample_bundle(bundle, device, labels, seed, cfg, top_k, top_p, out, raw=None):
     from tqdm import tqdm
     from .bundle import Bundle
-    from .config import NUM_SCALES, TOTAL_TOKENS
+    from .config import NUM_SCALES
     from .images import save_grid, save_raw
-    from .runtime.ort_runtime import Runtime
-    from .sampling import noise_for
+    from .serving.generator import bundle_generator, check_job
     b = Bundle.open(bundle, verify=False)
     opt.top_k_bundle(top_k, b.manifest["top_k"])
     b.verify(show_progress=True)
-    B = b.batch
-    images, t = [], time.time()
-    backend = Runtime(b, providers, log=lambda line: click.echo(line, err=True))
-    chunks = [labels[i:i + B] for i in range(0, len(labels), B)]
-    bar = tqdm(total=NUM_SCALES * len(chunks), desc="scales", unit="scale", file=sys.stderr)
-    for ci, chunk in enumerate(chunks):
-        lab = np.array(chunk + [chunk[-1]] * (B - len(chunk)), np.int64)   # pad to the bundle's batch
-        u = noise_for(B, seed, TOTAL_TOKENS, first_image=ci * B).numpy()   # image i gets u row i of the request
-        img, _ = backend.generate(lab, u, cfg, top_p, progress=lambda si: bar.update(1))
-        images.append(torch.from_numpy(img[:len(chunk)]))
+    gen = bundle_generator(b, device, log=lambda line: click.echo(line, err=True))
+    t = time.time()
+    bar = tqdm(total=NUM_SCALES * -(-len(labels) // gen.batch), desc="scales", unit="scale", file=sys.stderr)
+    # the path every serving model takes: image i of the request gets u row i, whatever the packing
+    images = gen.run([check_job(labels, seed, cfg, top_p)], progress=lambda si: bar.update(1))[0]
     bar.close()
     m = b.manifest
     title = (f"bundle d{m['model']['depth']} {m['precision']} {m['lowering']} seed={seed} cfg={cfg} "
-             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(backend.provider_names)}]")
-    save_grid(torch.cat(images), out, labels=[f"class {c}" for c in labels], title=title)
+             f"top_k={m['top_k']} top_p={top_p} noise [{', '.join(gen.backend.provider_names)}]")
+    save_grid(images, out, labels=[f"class {c}" for c in labels], title=title)
     if raw:
-        save_raw(torch.cat(images), raw)
-    click.echo(f"wrote {out}: {len(labels)} images through ONNX Runtime ({', '.join(backend.provider_names)}), {time.time() - t:.1f}s")
+        save_raw(images, raw)
+    click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images through {gen.name}, {time.time() - t:.1f}s")
 
 
 @main.command()
@@ -428,6 +420,60 @@ def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check
         from .fsutil import write_json_atomic
         write_json_atomic(json_out, res)
         click.echo(f"wrote {json_out}")
+
+
+@main.command()
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model repository to write.")
+@click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python", show_default=True,
+              help="python: graphs in-process in the `actvar` model; onnxruntime / tensorrt: step and decoder models it calls.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model (instance_group count).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True, help="Dynamic batcher's wait for more requests.")
+@click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier.")
+def triton(bundle, out, backend, instances, max_queue_delay_us, force):
+    """Write a Triton Inference Server model repository for a bundle (config.pbtxt files, models, README
+    with the server command lines), into a temporary directory renamed when complete."""
+    from .serving.repository import write_repository
+    p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force)
+    click.echo(f"wrote {p}: Triton model repository ({backend}); see {p / 'README.md'}")
+
+
+@main.command()
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="A model repository from `triton`.")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+def serve(repo, http_port, grpc_port):
+    """Start tritonserver on a model repository (loopback), wait until it is ready, print the endpoints;
+    Ctrl-C or SIGTERM stops it."""
+    from .serving.server import serve as run
+    sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True)))
+
+
+@main.command()
+@click.option("--url", required=True, help="Server address, e.g. 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC).")
+@click.option("--classes", required=True, help="ImageNet class ids, comma separated.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cfg", type=float, default=None, help="Guidance strength (default: the model's).")
+@click.option("--top-p", type=float, default=None, help="Top-p (default: the model's).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
+@click.option("--raw", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the uint8 images as .npy.")
+def request(url, classes, seed, cfg, top_p, protocol, out, raw):
+    """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw)."""
+    from .images import save_grid, save_raw
+    from .serving.client import request_images
+    from .serving.generator import DEFAULT_CFG, DEFAULT_TOP_P, check_job
+    labels = opt.classes(classes)
+    opt.output_file(out, "--out")
+    if raw is not None:
+        opt.output_file(raw, "--raw")
+    check_job(labels, seed, DEFAULT_CFG if cfg is None else cfg, DEFAULT_TOP_P if top_p is None else top_p)
+    t = time.time()
+    images = request_images(url, labels, seed, protocol, cfg, top_p)
+    save_grid(images, out, labels=[f"class {c}" for c in labels], title=f"triton {url} seed={seed}")
+    if raw:
+        save_raw(images, raw)
+    click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images from {url} ({protocol}), {time.time() - t:.1f}s")
 
 
 if __name__ == "__main__":

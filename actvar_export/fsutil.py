@@ -109,3 +109,17 @@ def write_json_atomic(out, obj) -> Path:
             f.flush()
             os.fsync(f.fileno())
     return atomic_write(out, write)
+
+
+def replace_dir(tmp, out) -> Path:
+    """Move a completed temporary directory `tmp` to `out`, replacing an existing `out` only after the
+    new one is in place (the caller decided it may be replaced)."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out

@@ -6,26 +6,34 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
 
 from .fsutil import atomic_write
 
 
-def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
-    return (images_B3HW.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+def to_uint8(images_B3HW) -> np.ndarray:
+    """Images in [0, 1] (B, 3, H, W; a torch tensor or a float32 array) as uint8 (B, H, W, 3): clamp,
+    ×255 in float32, round half to even. The one conversion every path uses (CLI, Triton models)."""
+    x = images_B3HW.detach().float().cpu().numpy() if hasattr(images_B3HW, "detach") else np.asarray(images_B3HW, np.float32)
+    return np.rint(np.clip(x, 0, 1) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def save_raw(images_B3HW: torch.Tensor, out: Path) -> Path:
-    """The images as one uint8 NHWC .npy (what `actvar-run --raw` writes), atomically."""
-    imgs = to_uint8(images_B3HW)
+def _uint8(images) -> np.ndarray:
+    return images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8(images)
+
+
+def save_raw(images, out: Path) -> Path:
+    """The images as one uint8 (B, H, W, 3) .npy (what `actvar-run --raw` and `request --raw` write), atomically.
+    `images` are floats in [0, 1] (B, 3, H, W) or already uint8 (B, H, W, 3)."""
+    imgs = np.ascontiguousarray(_uint8(images))
     return atomic_write(out, lambda tmp: np.save(tmp, imgs), suffix=".npy")   # tmp ends in .npy: saved as named
 
 
-def save_grid(images_B3HW: torch.Tensor, out: Path, labels: Optional[Sequence[str]] = None,
+def save_grid(images, out: Path, labels: Optional[Sequence[str]] = None,
               title: Optional[str] = None, cols: Optional[int] = None) -> Path:
-    """Write a grid with one caption under each image (and an optional title) atomically."""
-    imgs = to_uint8(images_B3HW)
+    """Write a grid with one caption under each image (and an optional title) atomically. `images`
+    are floats in [0, 1] (B, 3, H, W) or already uint8 (B, H, W, 3)."""
+    from PIL import Image, ImageDraw
+    imgs = _uint8(images)
     B, H, W, _ = imgs.shape
     cols = cols or min(B, 4)
     rows = math.ceil(B / cols)
@@ -40,4 +48,4 @@ def save_grid(images_B3HW: torch.Tensor, out: Path, labels: Optional[Sequence[st
         canvas.paste(Image.fromarray(imgs[i]), (x, y))
         if labels:
             draw.text((x + 2, y + H + 2), str(labels[i]), fill="black")
-    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))
+    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")

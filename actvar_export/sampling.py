@@ -96,3 +96,10 @@ def noise_for(n_images: int, seed: int, total_tokens: int = TOTAL_TOKENS, first_
         z = z ^ (z >> np.uint64(31))
     u = (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)   # < 2^24: exact in float32
     return torch.from_numpy(u)
+
+
+def request_noise(n_images: int, seed: int) -> np.ndarray:
+    """The uniforms u (n_images, 680) float32 of one request: what a request's images depend on, with its
+    classes, cfg and top_p (never on how requests are packed into batches). Every serving path takes
+    them from here."""
+    return noise_for(n_images, seed).numpy()

@@ -3,7 +3,7 @@
 #   scripts/device_check.sh                # every section present, in order
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
-# Sections: build, tests, bench (kernels = build tests bench), ort (onnxruntime-gpu bundle benchmark), ortops (the
+# Sections: build, tests, bench (kernels = build tests bench), ort (the bundle runtime vs eager), triton (serving throughput), ortops (the
 # ONNX Runtime custom-op library plugins/ort and its GPU tests), trtplugins (the TensorRT plugin library's test
 # program: enqueue on the GPU compared with the reference ops), probe (the expert GEMMs alone,
 # benchmarks/gemm_probe.cu; not in the default list). Other sections can be added as functions named
@@ -198,8 +198,25 @@ section_cpp() {
     return $rc
 }
 
+
+section_triton() {
+    # Triton serving throughput (benchmarks/bench_triton.py) over the GPU runtime: the `python` repository of a
+    # d16 bundle at 1, 4, 16 concurrent clients beside the in-process runtime. The device reaches no package
+    # index: TRITON_WHEELS (default /tmp/triton_wheels) must hold the wheels for this Python: nvidia-pytriton
+    # 0.7.0, numpy<2 (the models' environment), tritonclient[grpc] with grpcio and protobuf; pip reads them
+    # through PIP_NO_INDEX / PIP_FIND_LINKS, also when `serve` makes the models' environment.
+    echo "== triton: tritonserver (nvidia-pytriton) vs in-process images/s"
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS=${TRITON_WHEELS:-/tmp/triton_wheels}
+    python3 -c "import tritonclient.grpc" 2>/dev/null ||
+        python3 -m pip install -q --no-deps nvidia-pytriton tritonclient grpcio python-rapidjson || return 1
+    [ -d /tmp/site/onnxruntime ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 benchmarks/bench_triton.py ${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
+        --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton.json" 2>&1 | tee "$OUT/bench_triton.log" | tail -20
+    return ${PIPESTATUS[0]}
+}
+
 ALL=(kernels)
-for s in ort ortops trtplugins cpp; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort ortops trtplugins cpp triton; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 

@@ -1,0 +1,162 @@
+"""`actvar-export triton`: a Triton model repository from a bundle, written into a temporary directory
+beside the target and renamed when complete.
+
+backend `python`:      one `actvar` model (Python backend) running the bundle's graphs in-process.
+backend `onnxruntime`: step_0..step_9 + decoder as `onnxruntime_onnx` models, and `actvar` calling them (BLS).
+backend `tensorrt`:    the same as `tensorrt_plan` models over the bundle's engines (`actvar-export engines`).
+Bundle files are hard-linked into the repository where the file system allows it, else copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+from ..errors import ActVarError
+from .generator import DEFAULT_CFG, DEFAULT_TOP_P
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+MARKER = ".actvar-repository.json"
+ACTVAR = "actvar"
+MAX_REQUESTS = 64   # requests (rows of Triton's batch dimension) one execution of `actvar` may take
+_TYPES = {"uint8": "TYPE_UINT8", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
+          "bfloat16": "TYPE_BF16"}
+_PRECISION = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SHIM = ('"""Triton loads this file: the model is actvar_export.serving.triton_model (the models\' Python must\n'
+        'import the actvar_export package; see ../../README.md)."""\n'
+        "from actvar_export.serving.triton_model import TritonPythonModel  # noqa: F401\n")
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _tensor(name: str, dtype: str, dims: List[int], optional: bool = False, ragged: bool = False) -> str:
+    opt = (" optional: true" if optional else "") + (" allow_ragged_batch: true" if ragged else "")
+    return f'  {{ name: "{name}" data_type: {_TYPES[dtype]} dims: [ {", ".join(str(d) for d in dims)} ]{opt} }}'
+
+
+def _config(name: str, head: str, inputs: List[str], outputs: List[str], instances: int, extra: str = "",
+            max_batch_size: int = 0) -> str:
+    return (f'name: "{name}"\n{head}\nmax_batch_size: {max_batch_size}\n'
+            "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
+            f"instance_group [ {{ count: {instances} }} ]\n{extra}")
+
+
+def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str) -> str:
+    """The `actvar` model: per request class_labels INT64 [n], seed INT64 [1], optional cfg / top_p FP32 [1]
+    -> images UINT8 [n, 256, 256, 3], behind Triton's batch dimension (a request of k rows is k jobs), so
+    the dynamic batcher hands several requests (any n: ragged) to one execution. No instance kind: Triton
+    places it (KIND_GPU fails without a GPU)."""
+    params = {"bundle": "bundle", "mode": mode, "cfg": repr(DEFAULT_CFG), "top_p": repr(DEFAULT_TOP_P)}
+    extra = f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
+    extra += "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+    if mode == "inprocess":   # a BLS model cannot warm up: the models it calls may not be loaded yet
+        extra += ('model_warmup [ { name: "one_batch" batch_size: 1\n'
+                  f'  inputs {{ key: "class_labels" value {{ data_type: TYPE_INT64 dims: [ {batch} ] zero_data: true }} }}\n'
+                  '  inputs { key: "seed" value { data_type: TYPE_INT64 dims: [ 1 ] zero_data: true } } } ]\n')
+    return _config(ACTVAR, 'backend: "python"',
+                   [_tensor("class_labels", "int64", [-1], ragged=True), _tensor("seed", "int64", [1]),
+                    _tensor("cfg", "float32", [1], True), _tensor("top_p", "float32", [1], True)],
+                   [_tensor("images", "uint8", [-1, 256, 256, 3])], instances, extra, MAX_REQUESTS)
+
+
+def graph_config(name: str, gi: dict, precision: str, platform: str, instances: int) -> str:
+    io = lambda kind: [_tensor(n, _PRECISION[precision] if t == "P" else t, s) for n, (t, s) in gi[kind].items()]
+    return _config(name, f'platform: "{platform}"', io("inputs"), io("outputs"), instances)
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not force:
+        raise ActVarError(f"{out} exists: pass --force to replace it")
+    if not (out / MARKER).is_file():
+        raise ActVarError(f"{out} is not a model repository written by `actvar-export triton` (no {MARKER}): "
+                          f"refusing to replace it")
+
+
+def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
+                     force: bool = False) -> Path:
+    from ..bundle import MANIFEST, Bundle, sha256_file
+    from ..fsutil import replace_dir
+    out = Path(out)
+    if backend not in BACKENDS:
+        raise ActVarError(f"--backend: unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
+    if instances < 1:
+        raise ActVarError(f"--instances: {instances} must be at least 1")
+    if max_queue_delay_us < 0:
+        raise ActVarError(f"--max-queue-delay-us: {max_queue_delay_us} must be >= 0")
+    _check_target(out, force)
+    b = Bundle.open(bundle_dir, verify=True)
+    m = b.manifest
+    files: Dict[str, Path] = {}          # repository path -> source file
+    configs: Dict[str, str] = {}         # model name -> config.pbtxt
+    notes: List[str] = []
+    if backend == "python":
+        for name in m["files"]:
+            files[f"{ACTVAR}/1/bundle/{name}"] = b.path / name
+        files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
+        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess")
+    else:
+        if m["precision"] == "bf16":
+            raise ActVarError(f"{b.path}: a bf16 bundle has bf16 graph inputs, which the `actvar` model cannot feed "
+                              f"through BLS (numpy has no bfloat16): build fp16 or fp32 for --backend {backend}")
+        files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
+        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "bls")
+        if backend == "onnxruntime":
+            if m["lowering"] != "portable":
+                raise ActVarError(f"{b.path}: --backend onnxruntime needs a portable bundle: the plugin ops run in ONNX "
+                                  f"Runtime only as Python ops (onnxruntime-extensions), which Triton's onnxruntime "
+                                  f"backend cannot load (no native custom-op library exists for `model_operations`)")
+            for name, gi in m["graphs"].items():
+                files[f"{name}/1/model.onnx"] = b.path / gi["file"]
+                files[f"{name}/1/weights.bin"] = b.path / "weights.bin"
+                configs[name] = graph_config(name, gi, m["precision"], "onnxruntime_onnx", instances)
+        else:
+            from ..trt.engines import ENGINES_JSON
+            ej = b.path / ENGINES_JSON
+            engines = json.loads(ej.read_text()).get("engines", {}) if ej.is_file() else {}
+            missing = [n for n in m["graphs"] if n not in engines or not (b.path / engines[n]["file"]).is_file()]
+            if missing:
+                raise ActVarError(f"{b.path}: no engine for {', '.join(missing)}: run `actvar-export engines --bundle {b.path}` first")
+            for name, gi in m["graphs"].items():
+                files[f"{name}/1/model.plan"] = b.path / engines[name]["file"]
+                configs[name] = graph_config(name, gi, m["precision"], "tensorrt_plan", instances)
+            files[ENGINES_JSON] = ej
+            if m["lowering"] == "plugin":
+                from ..kernels import library_path
+                lib = library_path()
+                if lib.is_file():
+                    files["plugins/libactvar_plugins.so"] = lib
+                else:
+                    notes.append(f"no plugin library was found ({lib}): build plugins/ (or set ACTVAR_PLUGIN_LIB) and "
+                                 f"write this repository again; its server commands then name the library")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for rel, src in files.items():
+            _link(src, tmp / rel)
+        for name, text in configs.items():
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            (tmp / name / "config.pbtxt").write_text(text)
+        (tmp / ACTVAR / "1" / "model.py").write_text(SHIM)
+        from .readme import repository_readme
+        from .server import package_root
+        (tmp / "README.md").write_text(repository_readme(backend, m, sorted(configs), "plugins/libactvar_plugins.so" in files,
+                                                         notes, str(out.resolve()), package_root()))
+        (tmp / MARKER).write_text(json.dumps({"format": 1, "backend": backend, "bundle": str(b.path.resolve()),
+                                              "manifest_sha256": sha256_file(b.path / MANIFEST),
+                                              "models": sorted(configs), "notes": notes}, indent=1))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

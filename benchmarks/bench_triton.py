@@ -1,0 +1,88 @@
+"""Triton serving throughput: images/second of the `python` repository of a random-weight bundle at
+1, 4 and 16 concurrent clients (one image per request, so the dynamic batcher must pack requests into
+the bundle's static batch) beside the in-process runtime at the same batch. Prints a table, writes JSON.
+
+    python3 benchmarks/bench_triton.py --depth 16 --batch 16 --precision fp16 --json $OUT/bench_triton.json
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--seconds", type=float, default=30, help="Measured time per concurrency level.")
+    ap.add_argument("--delay-us", type=int, default=5000, help="Dynamic batcher's max queue delay.")
+    ap.add_argument("--workdir", default="/tmp/tritonbench")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+
+    from actvar_export.bundle import build_bundle
+    from actvar_export.checkpoint import save_atomic
+    from actvar_export.fsutil import write_json_atomic
+    from actvar_export.init import init_checkpoint
+    from actvar_export.serving.client import request_images
+    from actvar_export.serving.generator import Job, load_generator
+    from actvar_export.serving.repository import write_repository
+    from actvar_export.serving.server import TritonServer
+
+    wd = Path(a.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    ck = wd / f"d{a.depth}.pt"
+    if not ck.exists():
+        save_atomic(init_checkpoint(a.depth, seed=0), ck)
+    bdir = wd / f"d{a.depth}_{a.precision}_b{a.batch}"
+    if not bdir.exists():
+        build_bundle(ck, bdir, batch=a.batch, precision=a.precision)
+
+    gen = load_generator(bdir)
+    jobs = [Job((i % 1000,), i) for i in range(a.batch)]
+    gen.run(jobs)                                   # warm-up
+    t, runs = time.time(), 0
+    while time.time() - t < a.seconds or runs < 3:
+        gen.run(jobs)
+        runs += 1
+    inproc = runs * a.batch / (time.time() - t)
+    rows = {"in-process": {"images_per_s": round(inproc, 2), "runtime": gen.name}}
+    print(f"in-process ({gen.name}), batch {a.batch}: {inproc:.2f} images/s", flush=True)
+    del gen
+
+    repo = write_repository(bdir, wd / "repo", max_queue_delay_us=a.delay_us, force=True)
+    with TritonServer(repo) as srv:
+        for n in [int(c) for c in a.clients.split(",")]:
+            done, stop = [0], time.time() + a.seconds
+            lock = threading.Lock()
+
+            def client(k):
+                i = 0
+                while time.time() < stop:
+                    request_images(srv.grpc_url, [(k * 97 + i) % 1000], k * 1000 + i, "grpc")
+                    with lock:
+                        done[0] += 1
+                    i += 1
+            request_images(srv.grpc_url, [0], 0, "grpc")   # warm
+            t = time.time()
+            ths = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            rate = done[0] / (time.time() - t)
+            rows[f"triton_{n}_clients"] = {"images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3)}
+            print(f"triton, {n:>2} clients (gRPC, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of in-process)",
+                  flush=True)
+    res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": a.delay_us,
+           "results": rows}
+    if a.json:
+        write_json_atomic(a.json, res)
+
+
+if __name__ == "__main__":
+    main()

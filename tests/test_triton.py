@@ -1,0 +1,291 @@
+"""Serving with Triton: a real tritonserver (the nvidia-pytriton wheel's binary) serving the `python`
+repository of a tiny bundle through `actvar-export serve`, checked against `actvar-export sample --raw`;
+the `onnxruntime` and `tensorrt` repositories are generated and checked against Triton's config schema.
+One server for the module; skipped where the wheel or tritonclient is not installed."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actvar_export.errors import ActVarError
+
+ROOT = Path(__file__).resolve().parents[1]
+tritonclient = pytest.importorskip("tritonclient.http", reason="tritonclient not installed (pip install -e '.[triton]')")
+
+
+def _server_or_skip():
+    from actvar_export.serving.server import find_server
+    try:
+        return find_server()
+    except ActVarError as e:
+        pytest.skip(str(e))
+
+
+def cli(*args, check=True, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "actvar_export", *map(str, args)], capture_output=True, text=True, env=env, **kw)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def bundle(actvar_ckpt, tmp_path_factory):
+    from actvar_export.bundle import build_bundle
+    return build_bundle(actvar_ckpt, tmp_path_factory.mktemp("tb") / "b4", batch=4, precision="fp32",
+                        show_progress=False)
+
+
+def _ready(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """`actvar-export serve` on free loopback ports (retried when a port was taken meanwhile)."""
+    _server_or_skip()
+    from actvar_export.serving.repository import write_repository
+    from actvar_export.serving.server import free_port
+    repo = write_repository(bundle, tmp_path_factory.mktemp("repo") / "repo", max_queue_delay_us=300000)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for _ in range(3):
+        http, grpc = free_port(), free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "actvar_export", "serve", "--repo", str(repo),
+                                 "--http-port", str(http), "--grpc-port", str(grpc)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        end = time.time() + 600
+        while time.time() < end and proc.poll() is None and not _ready(http):
+            time.sleep(0.3)
+        if proc.poll() is None and _ready(http):
+            break
+        out = proc.communicate(timeout=30)[0] if proc.poll() is not None else ""
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        if "address already in use" not in out.lower():
+            pytest.fail(f"serve did not become ready:\n{out[-3000:]}")
+    yield {"proc": proc, "http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "repo": repo}
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_http_and_grpc_images_equal_sample_raw(server, bundle, tmp_path):
+    from actvar_export.serving.client import request_images
+    cli("sample", "--bundle", bundle, "--classes", "207,360,387", "--seed", 5, "--out", tmp_path / "s.png",
+        "--raw", tmp_path / "s.npy")
+    ref = np.load(tmp_path / "s.npy")
+    assert ref.shape == (3, 256, 256, 3) and ref.dtype == np.uint8 and ref.std() > 1   # real images, not blank
+    r = cli("request", "--url", server["http"], "--classes", "207,360,387", "--seed", 5, "--out", tmp_path / "h.png",
+            "--raw", tmp_path / "h.npy")
+    assert "3 images" in r.stdout
+    assert np.array_equal(np.load(tmp_path / "h.npy"), ref)
+    assert np.array_equal(request_images(server["grpc"], [207, 360, 387], 5, "grpc"), ref)
+
+
+def test_concurrent_clients_packed(server, bundle):
+    from actvar_export.serving.client import request_images
+    from actvar_export.serving.generator import Job, load_generator
+    distinct = [((1,), 11), ((1,), 12), ((3,), 13), ((999,), 14)]
+    refs = load_generator(bundle).run([Job(c, s) for c, s in distinct])   # this process's own ONNX Runtime run
+    for i in range(len(refs)):   # every request has its own images, so a mix-up cannot pass
+        assert all(not np.array_equal(refs[i], refs[j]) for j in range(i))
+    got, errors = {}, []
+
+    def client(k):
+        for j in range(4):
+            d = (k + j) % len(distinct)
+            try:
+                got[(k, j)] = (d, request_images(server["http" if k % 2 else "grpc"], distinct[d][0], distinct[d][1],
+                                                 "http" if k % 2 else "grpc"))
+            except Exception as e:  # collected and reported below
+                errors.append(repr(e))
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    assert len(got) == 32
+    for (k, j), (d, img) in got.items():
+        assert np.array_equal(img, refs[d]), (k, j, distinct[d])
+    import tritonclient.http as th
+    c = th.InferenceServerClient(server["http"])
+    st = c.get_inference_statistics("actvar")["model_stats"][0]
+    c.close()
+    assert st["execution_count"] < st["inference_count"]
+    assert max(b["batch_size"] for b in st["batch_stats"]) > 1, st["batch_stats"]
+
+
+def _raw_infer(url, arrays):
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+    c = th.InferenceServerClient(url)
+    ins = []
+    for name, a in arrays.items():
+        t = th.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
+        t.set_data_from_numpy(a)
+        ins.append(t)
+    try:
+        c.infer("actvar", ins)
+    except InferenceServerException as e:
+        return str(e)
+    finally:
+        c.close()
+    return None
+
+
+@pytest.mark.parametrize("arrays, needles", [
+    ({"class_labels": np.array([[1, 2]], np.int32), "seed": np.array([[0]], np.int64)}, ["class_labels", "INT32"]),
+    ({"class_labels": np.array([[1, 1000]], np.int64), "seed": np.array([[0]], np.int64)}, ["class_labels", "1000"]),
+    ({"class_labels": np.zeros((1, 0), np.int64), "seed": np.array([[0]], np.int64)}, ["class_labels", "empty"]),
+    ({"class_labels": np.array([[1]], np.int64)}, ["seed"]),
+    ({"seed": np.array([[0]], np.int64)}, ["class_labels"]),
+    ({"class_labels": np.array([[1]], np.int64), "seed": np.array([[0]], np.int64),
+      "top_p": np.array([[1.5]], np.float32)}, ["top_p", "1.5"]),
+], ids=["dtype", "class-1000", "no-labels", "no-seed", "no-class_labels", "top_p"])
+def test_bad_requests_name_the_problem(server, arrays, needles):
+    msg = _raw_infer(server["http"], arrays)
+    assert msg is not None, "the bad request succeeded"
+    for n in needles:
+        assert n in msg, msg
+    assert _ready(server["http"].split(":")[1])
+
+
+def test_sigterm_stops_server(server):
+    """Last test of the module: the serve process and every process of its server are gone within 5 s."""
+    proc = server["proc"]
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=30)[0]
+    assert time.time() - t < 5, out[-2000:]
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped (exit 0)" in out
+    repo = str(server["repo"])
+    left = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if repo in cmd:
+                left.append(cmd)
+    assert not left, left
+
+
+def _parse_configs(repo):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    out = {}
+    for p in sorted(Path(repo).glob("*/config.pbtxt")):
+        out[p.parent.name] = text_format.Parse(p.read_text(), model_config_pb2.ModelConfig())
+    return out
+
+
+def _readme_paths_exist(repo):
+    text = (Path(repo) / "README.md").read_text()
+    paths = set(re.findall(r"\$REPO/([\w./-]+\w)", text))
+    assert paths, "README names no repository files"
+    missing = [p for p in paths if not (Path(repo) / p).exists()]
+    assert not missing, missing
+    return paths
+
+
+def test_config_schema_rejects_a_broken_config():
+    """The schema check used below can fail: an unknown field and a wrong type are rejected."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    from actvar_export.serving.repository import actvar_config
+    good = actvar_config(4, 2, 100, "inprocess")
+    c = text_format.Parse(good, model_config_pb2.ModelConfig())
+    assert c.max_batch_size > 0 and c.dynamic_batching.max_queue_delay_microseconds == 100
+    assert c.instance_group[0].count == 2 and c.instance_group[0].kind == 0   # KIND_AUTO: no GPU demanded
+    assert [i.name for i in c.input] == ["class_labels", "seed", "cfg", "top_p"] and c.input[2].optional
+    for bad in (good.replace("dims:", "dimz:", 1), good.replace("TYPE_INT64", "TYPE_LONG", 1)):
+        with pytest.raises(text_format.ParseError):
+            text_format.Parse(bad, model_config_pb2.ModelConfig())
+
+
+def test_onnxruntime_repository(bundle, tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    from actvar_export.serving.repository import write_repository
+    repo = write_repository(bundle, tmp_path / "ort", backend="onnxruntime", instances=2)
+    cfgs = _parse_configs(repo)
+    assert set(cfgs) == {"actvar", "decoder"} | {f"step_{i}" for i in range(10)}
+    man = json.loads((bundle / "manifest.json").read_text())
+    for name, c in cfgs.items():
+        if name == "actvar":
+            assert c.backend == "python" and c.parameters["mode"].string_value == "bls"
+            continue
+        assert c.platform == "onnxruntime_onnx" and c.max_batch_size == 0
+        gi = man["graphs"][name]
+        assert {i.name: list(i.dims) for i in c.input} == {k: s for k, (_, s) in gi["inputs"].items()}
+        assert {o.name for o in c.output} == set(gi["outputs"])
+        assert (repo / name / "1" / "model.onnx").is_file() and (repo / name / "1" / "weights.bin").is_file()
+    _readme_paths_exist(repo)
+
+
+def test_repository_refusals(bundle, tmp_path):
+    from actvar_export.serving.repository import write_repository
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("user data")
+    with pytest.raises(ActVarError, match="not a model repository written by"):
+        write_repository(bundle, other, force=True)
+    assert (other / "keep.txt").read_text() == "user data"
+    r = cli("triton", "--bundle", bundle, "--out", other, check=False)
+    assert r.returncode == 1 and "exists: pass --force" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ActVarError, match="no engine for step_0"):
+        write_repository(bundle, tmp_path / "trt", backend="tensorrt")
+    assert not (tmp_path / "trt").exists()
+    repo = write_repository(bundle, tmp_path / "py")
+    (repo / "stale").write_text("x")
+    write_repository(bundle, repo, force=True)   # its own repository: replaced
+    assert not (repo / "stale").exists() and (repo / "actvar" / "config.pbtxt").is_file()
+
+
+def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except ImportError:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            pytest.skip("neither tensorrt nor tensorrt_rtx imports here")
+    from tritonclient.grpc import model_config_pb2
+    from actvar_export.bundle import build_bundle
+    from actvar_export.serving.repository import write_repository
+    b = build_bundle(actvar_ckpt, tmp_path / "bp", batch=1, precision="fp16", lowering="plugin", show_progress=False)
+    with pytest.raises(ActVarError, match="needs a portable bundle"):
+        write_repository(b, tmp_path / "ort", backend="onnxruntime")
+    cli("engines", "--bundle", b)
+    r = cli("triton", "--bundle", b, "--out", tmp_path / "trt", "--backend", "tensorrt")
+    repo = tmp_path / "trt"
+    cfgs = _parse_configs(repo)
+    assert len(cfgs) == 12
+    for name, c in cfgs.items():
+        if name != "actvar":
+            assert c.platform == "tensorrt_plan"
+            assert (repo / name / "1" / "model.plan").stat().st_size > 0
+            gi = json.loads((b / "manifest.json").read_text())["graphs"][name]
+            want = {k: {"P": "TYPE_FP16", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}[t]
+                    for k, (t, _) in {**gi["inputs"], **gi["outputs"]}.items()}
+            got = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in list(c.input) + list(c.output)}
+            assert got == want, name   # the fp16 bundle's packed KV cache is FP16, the rest as exported
+    _readme_paths_exist(repo)
+    assert "wrote" in r.stdout
