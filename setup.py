@@ -15,13 +15,14 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "onnxruntime-extensions>=0.12",  # CPU reference of the plugin ops inside ONNX Runtime
+        "polygraphy>=0.49",  # the comparison engine of `validate`
     ],
     extras_require={
         # tests pin the ONNX Runtime of the GPU machine (1.30), whose IR limit (10) the bundles must meet;
         # TensorRT-RTX: its builder works without a GPU, so CI parses bundles and serializes engines (tests/test_trt.py)
         # nvidia-cublas: only its cublasLt.h, so that CI compiles the plugins' cuBLASLt path (opened at run time)
         "test": ["pytest>=8", "onnxruntime==1.30.0", "tensorrt-rtx-cu13", "nvidia-cublas>=13,<14"],
-        "trt": ["tensorrt-rtx-cu13", "polygraphy"],
+        "trt": ["tensorrt-rtx-cu13"],
     },
     entry_points={"console_scripts": ["actvar-export=actvar_export.cli:main"]},
 )

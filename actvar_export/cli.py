@@ -244,19 +244,63 @@ def build(ckpt, vae, out, batch, precision, lowering, top_k, token_ratio, expert
 @click.option("--providers", default=None, help="ONNX Runtime providers, e.g. 'cpu' or 'cuda,cpu'.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write reference vs bundle images side by side.")
-def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid):
-    """Prove a bundle matches the PyTorch reference. Each scale's graph gets the reference's own
-    inputs (teacher forcing); continuous outputs are compared with a tolerance set by the precision,
-    discrete ones (tokens, experts, sampled ids) must agree except where the reference's own margin
-    is below tolerance. End to end, both sides sample from the same uniforms: token agreement and
-    image PSNR. All failures are reported before exiting with 1."""
-    import torch
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write report.json, report.md, errors.png, grid.png and polygraphy/ (per-scale inputs and reference outputs) here.")
+def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid, report_dir):
+    """Prove a bundle matches the PyTorch reference (rules: docs/validation.md). Per scale, Polygraphy
+    compares the bundle graph with the reference on identical inputs, the reference taking the bundle's
+    decisions (teacher forcing); continuous outputs within tolerances derived from the precision, each
+    differing token/expert/id explained only by its own margin, explained flips capped per scale; end to
+    end, token agreement and image PSNR thresholds. Exit 0 pass, 1 fail, 2 bad usage or input."""
+    from .validate import ValidationError
+    try:
+        rep, backend, b, labels = _validate_run(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, report_dir)
+    except ValidationError:
+        raise
+    except ActVarError as e:
+        raise _BadInput(str(e)) from None
+    click.echo(f"bundle {bundle} ({b.manifest['precision']}, {b.manifest['lowering']}, batch {b.batch}) on {', '.join(backend.provider_names)}")
+    click.echo(rep.table())
+    if json_out:
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, rep.to_dict())
+    if grid and rep.images:
+        import torch
+        from .images import save_grid
+        ref, got = torch.from_numpy(rep.images["reference"]), torch.from_numpy(rep.images["bundle"])
+        diff = ((got - ref).abs() * 10).clamp(0, 1)
+        save_grid(torch.cat([ref, got, diff]), grid, cols=len(labels),
+                  labels=[f"reference {c}" for c in labels] + [f"bundle {c}" for c in labels] + [f"|diff|x10 {c}" for c in labels],
+                  title=f"validate: PSNR {rep.psnr_db:.1f} dB, token agreement {100 * rep.token_agreement:.2f}%")
+        click.echo(f"wrote {grid}")
+    if report_dir:
+        from .validation.report import polygraphy_command, write_report
+        header = [f"- bundle: `{bundle}` ({b.manifest['precision']}, {b.manifest['lowering']}, batch {b.batch}, top-k {b.manifest['top_k']})",
+                  f"- providers: {', '.join(backend.provider_names)}; classes {labels}, seed {seed}, cfg {cfg}, top-p {top_p}",
+                  f"- command: `actvar-export {' '.join(sys.argv[1:])}`"]
+        write_report(report_dir, rep, bundle, header)
+        click.echo(f"wrote {report_dir}; re-check the last scale with:\n  {polygraphy_command(bundle, report_dir, 9, rep)}")
+    if rep.failures:
+        click.echo("\n".join("FAIL " + f for f in rep.failures), err=True)
+        raise ValidationError(f"{len(rep.failures)} check(s) failed: {rep.failures[0]}")
+    click.echo("all checks passed")
+
+
+class _BadInput(click.ClickException):
+    exit_code = 2
+
+
+def _validate_run(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, report_dir):
+    import sys as _sys
     from tqdm import tqdm
     from .bundle import Bundle
     from .checkpoint import build_models, load_checkpoint
     from .generate import SampleSettings
     from .runtime.ort_backend import OrtBackend
-    from .validate import ValidationError, validate_bundle
+    from .validate import validate_bundle
+    if report_dir:
+        from .validation.report import check_target
+        check_target(report_dir)
     b = Bundle.open(bundle, show_progress=True)
     b.check_checkpoint(ckpt)
     m = b.manifest
@@ -267,26 +311,10 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
         raise ActVarError(f"--classes: the bundle was built for batch {b.batch}: give {b.batch} ImageNet ids (0..999)")
     settings = SampleSettings(cfg=cfg, top_k=m["top_k"], top_p=top_p, sampler="noise")
     backend = OrtBackend(b, _providers(providers))
-    bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
+    bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=_sys.stderr)
     rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
     bar.close()
-    click.echo(f"bundle {bundle} ({m['precision']}, {m['lowering']}, batch {b.batch}) on {', '.join(backend.provider_names)}")
-    click.echo(rep.table())
-    if json_out:
-        from .fsutil import write_json_atomic
-        write_json_atomic(json_out, rep.to_dict())
-    if grid and rep.images:
-        from .images import save_grid
-        ref, got = torch.from_numpy(rep.images["reference"]), torch.from_numpy(rep.images["bundle"])
-        diff = ((got - ref).abs() * 10).clamp(0, 1)
-        save_grid(torch.cat([ref, got, diff]), grid, cols=len(labels),
-                  labels=[f"reference {c}" for c in labels] + [f"bundle {c}" for c in labels] + [f"|diff|x10 {c}" for c in labels],
-                  title=f"validate: PSNR {rep.psnr_db:.1f} dB, token agreement {100 * rep.token_agreement:.2f}%")
-        click.echo(f"wrote {grid}")
-    if rep.failures:
-        click.echo("\n".join("FAIL " + f for f in rep.failures), err=True)
-        raise ValidationError(f"{len(rep.failures)} check(s) failed: {rep.failures[0]}")
-    click.echo("all checks passed")
+    return rep, backend, b, labels
 
 
 def _device(device: str):
