@@ -127,12 +127,18 @@ def compare_scale(backend, model: VAR, vae: VQVAE, si: int, feed: Dict[str, np.n
         results = Comparator.run([got_r, ref_r], data_loader=[feed])
     got, ref = results[0][1][0], results[1][1][0]
     r = ScaleResult(scale=si)
-    mean_f, max_f = continuous_funcs(tol, ref)
+    cached = feed["kv_in"].shape[4] if "kv_in" in feed else 0
+    mean_f, max_f = continuous_funcs(tol, ref, cached)
     k_t, k_w = model.sizes(si)
     dec_f = DecisionCompareFunc(si, ref_r, feed, tol, m["top_k"], k_t, k_w)
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         Comparator.compare_accuracy(results, comparisons=[(1, 0)], compare_func=[mean_f, max_f, dec_f])
-    mean_t, max_t = tol.continuous(ref)
+    mean_t, max_t = tol.continuous(ref, cached)
+    if cached and got["kv_out"].shape == ref["kv_out"].shape:
+        moved = got["kv_out"][:, :, :, :, :cached] != feed["kv_in"].astype(np.float32)
+        if moved.any():               # the input cache must pass through bit for bit
+            r.failures.append(f"scale {si} kv_out: {int(moved.sum())} values of the {cached} cached positions differ "
+                              f"from kv_in (the cache must be passed through unchanged)")
     for name in CONTINUOUS:
         if name not in ref:
             continue
