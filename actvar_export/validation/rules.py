@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from polygraphy.comparator import CompareFunc
+from polygraphy.comparator import SimpleCompareFunc
 
 from .. import ops
 from ..sampling import filter_top_k_top_p, sample_noise
@@ -76,11 +76,12 @@ END_TO_END = {"fp32": {"token_agreement": 0.99, "psnr_db": 40.0},
 
 
 def continuous_funcs(tol: Tolerances, ref: Dict[str, np.ndarray], cached: int = 0):
-    """Two Polygraphy SimpleCompareFuncs: mean and max absolute error per output."""
+    """Two Polygraphy simple compare functions (CompareFunc.simple, now SimpleCompareFunc): mean and max
+    absolute error per output."""
     mean, mx = tol.continuous(ref, cached)
     zeros = {n: 0.0 for n in mean}
-    return (CompareFunc.simple(atol=mean, rtol=zeros, check_error_stat="mean"),
-            CompareFunc.simple(atol=mx, rtol=zeros, check_error_stat="max"))
+    return (SimpleCompareFunc(atol=mean, rtol=zeros, check_error_stat="mean"),
+            SimpleCompareFunc(atol=mx, rtol=zeros, check_error_stat="max"))
 
 
 def element_margins(scores: np.ndarray, k: int) -> np.ndarray:
