@@ -28,10 +28,12 @@ def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 
         kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth, -torch.inf)
     if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
-        tail = sorted_logits.softmax(dim=-1).flip(-1).cumsum(dim=-1).flip(-1)
-        remove_sorted = tail <= (1 - top_p)
-        remove_sorted[..., :1] = False
+        # VAR's arithmetic (ascending order, cumulative sum from the smallest); the order of equal logits
+        # is the design's: descending by id in this ascending walk, from a stable descending sort flipped
+        desc, desc_idx = logits.sort(dim=-1, descending=True, stable=True)
+        sorted_logits, sorted_idx = desc.flip(-1), desc_idx.flip(-1)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
         logits.masked_fill_(remove_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, remove_sorted), -torch.inf)
     return logits
 
