@@ -30,6 +30,8 @@ def polygraphy_command(bundle: Path, out: Path, si: int, rep) -> str:
     """The Polygraphy CLI line that re-checks scale si from the report (continuous outputs at their max
     tolerances, discrete outputs exactly: the saved reference carries the bundle's decisions). Portable
     bundles only: Polygraphy's ONNX Runtime loader registers no custom-op library."""
+    if json.loads((Path(bundle) / "manifest.json").read_text()).get("lowering") == "plugin":
+        return "(plugin bundle: Polygraphy's ONNX Runtime loader cannot register the custom ops; re-check with actvar-export validate)"
     s = next(s for s in rep.scales if s.scale == si)
     atol = " ".join(f"{n}:{t[1]:.3e}" for n, t in s.tolerances.items())
     return (f"polygraphy run {bundle}/step_{si}.onnx --onnxrt --load-inputs {out}/polygraphy/step_{si}_inputs.json "
