@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -15,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from actvar_export.bundle import Bundle, build_bundle, sha256_file
 from actvar_export.checkpoint import build_models, load_checkpoint
-from actvar_export.config import SCALE_LENS, TOTAL_TOKENS
+from actvar_export.config import TOTAL_TOKENS
 from actvar_export.generate import SampleSettings
 from actvar_export.runtime.ort_backend import OrtBackend
 from actvar_export.sampling import noise_for
@@ -207,7 +206,6 @@ def test_cli_report_and_polygraphy_recheck(bundles, actvar_ckpt, tmp_path):
     from click.testing import CliRunner
     from polygraphy.comparator import RunResults
     from actvar_export.cli import main
-    from actvar_export.validation.report import polygraphy_command
     from .test_cli import assert_one_line_error
     b, out = bundles["fp32", "portable"], tmp_path / "report"
     run = lambda *a: CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False)
@@ -236,3 +234,29 @@ def test_cli_report_and_polygraphy_recheck(bundles, actvar_ckpt, tmp_path):
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     r = run("validate", "--bundle", b, "--ckpt", actvar_ckpt, "--classes", "1,2,3")
     assert_one_line_error(r, "--classes", code=2)
+
+
+def test_sampled_id_near_edge_explained_only_within_the_logit_difference():
+    """The bundle's logits differ from the reference's by d (ids up to j down, the rest up: the worst case
+    for the edge between j and j+1), so its sampler picks j+1 where the reference picks j. With u at half
+    the mass d can move that edge the flip is explained; with u 10x that far it fails, naming scale and output."""
+    import math
+    from actvar_export.sampling import sample_noise
+    from actvar_export.validation.rules import cdf_edges, check_ids
+    tol = Tolerances("fp16", 128, 2)
+    ref = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    j, d = 7, 0.01
+    c = cdf_edges(ref, 0, 0.0)[1][0, 0, j].item()                    # upper edge of id j's interval
+    move = c * (1 - c) * math.expm1(2 * d)
+    got_logits = (ref + torch.where(torch.arange(16) <= j, -d, d)).float().numpy()
+    for factor, ok in ((0.5, True), (10.0, False)):
+        u = np.array([[c - factor * move]], np.float32)
+        assert sample_noise(ref.float(), torch.from_numpy(u), 0, 0.0).item() == j
+        got_idx = np.array([[j + 1]])
+        fa, fb = check_ids(4, got_idx, got_logits, ref.numpy(), u, 0, 0.0, tol)
+        assert fb.differing == 1
+        assert (fb.failures == []) is ok, (factor, fb.failures)
+        if ok:        # the flip is the bundle's own sampler on its own logits
+            assert fa.differing == 0
+        else:
+            assert fb.failures[0].startswith("scale 4 idx:")
