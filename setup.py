@@ -15,6 +15,7 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "onnxruntime-extensions>=0.12",  # CPU reference of the plugin ops inside ONNX Runtime
+        "polygraphy>=0.49",  # the comparison engine of `validate`
     ],
     extras_require={
         # tests pin the ONNX Runtime of the GPU machine (1.30), whose IR limit (10) the bundles must meet;
@@ -23,9 +24,9 @@ setup(
         # tritonclient: tests/test_triton.py's client (the server is the nvidia-pytriton wheel, installed with --no-deps
         # by the test command so that numpy 2 stays)
         # polygraphy: a consumer that only dlopen()s plugin libraries (tests/test_trt.py, the self-registering variant)
-        "test": ["pytest>=8", "onnxruntime==1.30.0", "tensorrt-rtx-cu13", "nvidia-cublas>=13,<14", "polygraphy",
+        "test": ["pytest>=8", "onnxruntime==1.30.0", "tensorrt-rtx-cu13", "nvidia-cublas>=13,<14",
                  "tritonclient[http,grpc]>=2.50"],
-        "trt": ["tensorrt-rtx-cu13", "polygraphy"],
+        "trt": ["tensorrt-rtx-cu13"],
         # serving: the nvidia-pytriton wheel's tritonserver (it declares numpy<2: `pip install --no-deps nvidia-pytriton`
         # keeps numpy 2 here; `serve` gives the models their own numpy<2 environment) and the client
         "triton": ["nvidia-pytriton==0.7.0", "tritonclient[http,grpc]>=2.50"],

@@ -241,20 +241,63 @@ def build(ckpt, vae, out, batch, precision, lowering, top_k, target, token_ratio
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the uniforms u fed to both sides.")
 @click.option("--cfg", type=float, default=1.5, show_default=True, help="Classifier-free guidance strength (finite, >= 0).")
 @click.option("--top-p", type=float, default=0.96, show_default=True, help="Top-p in [0, 1]; 0 disables.")
-@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. 'cpu' or 'cuda,cpu'  [default: CUDA if available, else CPU]")
+@click.option("--providers", default=None, help="cuda or cpu ('cuda,cpu' accepted)  [default: CUDA where ONNX Runtime and torch see one, else CPU]")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON  [default: none]")
 @click.option("--grid", type=click.Path(path_type=Path), default=None, help="Write reference vs bundle images side by side (PNG)  [default: none]")
-def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid):
-    """Prove a bundle matches the PyTorch reference. Each scale's graph gets the reference's own
-    inputs (teacher forcing); continuous outputs are compared with a tolerance set by the precision,
-    discrete ones (tokens, experts, sampled ids) must agree except where the reference's own margin
-    is below tolerance. End to end, both sides sample from the same uniforms: token agreement and
-    image PSNR. All failures are reported before exiting with 1.
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Write report.json, report.md, errors.png, grid.png and polygraphy/ (per-scale inputs and reference outputs) here  [default: none]")
+def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid, report_dir):
+    """Prove a bundle matches the PyTorch reference (rules: docs/validation.md). Per scale, Polygraphy
+    compares the bundle graph with the reference on identical inputs, the reference taking the bundle's
+    decisions (teacher forcing); continuous outputs within tolerances derived from the precision, each
+    differing token/expert/id explained only by its own margin, explained flips capped per scale; end to
+    end, token agreement and image PSNR thresholds. Exit 0 pass, 1 fail, 2 bad usage or input.
 
     \b
     Example:
-      actvar-export validate --bundle demo/bundle --ckpt demo/d4.pt --grid demo/compare.png
+      actvar-export validate --bundle demo/bundle --ckpt demo/d4.pt --grid demo/compare.png --report demo/report
     """
+    from .validate import ValidationError
+    try:
+        rep, backend, b, labels = _validate_run(bundle, ckpt, vae, classes, seed, cfg, top_p, providers,
+                                                json_out, grid, report_dir)
+    except ValidationError:
+        raise
+    except ActVarError as e:
+        raise _BadInput(str(e)) from None
+    click.echo(f"bundle {bundle} ({b.manifest['precision']}, {b.manifest['lowering']}, batch {b.batch}) on {', '.join(backend.provider_names)}")
+    click.echo(rep.table())
+    if json_out:
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, rep.to_dict())
+    if grid and rep.images:
+        import torch
+        from .images import save_grid
+        ref, got = torch.from_numpy(rep.images["reference"]), torch.from_numpy(rep.images["bundle"])
+        diff = ((got - ref).abs() * 10).clamp(0, 1)
+        save_grid(torch.cat([ref, got, diff]), grid, cols=len(labels),
+                  labels=[f"reference {c}" for c in labels] + [f"bundle {c}" for c in labels] + [f"|diff|x10 {c}" for c in labels],
+                  title=f"validate: PSNR {rep.psnr_db:.1f} dB, token agreement {100 * rep.token_agreement:.2f}%")
+        click.echo(f"wrote {grid}")
+    if report_dir:
+        from .validation.report import polygraphy_command, write_report
+        header = [f"- bundle: `{bundle}` ({b.manifest['precision']}, {b.manifest['lowering']}, batch {b.batch}, top-k {b.manifest['top_k']})",
+                  f"- providers: {', '.join(backend.provider_names)}; classes {labels}, seed {seed}, cfg {cfg}, top-p {top_p}",
+                  f"- command: `actvar-export {' '.join(sys.argv[1:])}`"]
+        write_report(report_dir, rep, bundle, header)
+        click.echo(f"wrote {report_dir}; re-check the last scale with:\n  {polygraphy_command(bundle, report_dir, 9, rep)}")
+    if rep.failures:
+        click.echo("\n".join("FAIL " + f for f in rep.failures), err=True)
+        raise ValidationError(f"{len(rep.failures)} check(s) failed: {rep.failures[0]}")
+    click.echo("all checks passed")
+
+
+class _BadInput(click.ClickException):
+    """Bad usage or input of `validate` (exit 2; 1 means the bundle failed validation)."""
+    exit_code = 2
+
+
+def _validate_run(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, grid, report_dir):
     opt.cfg(cfg)
     opt.top_p(top_p)
     for path, option in ((json_out, "--json"), (grid, "--grid")):
@@ -263,13 +306,15 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     device = opt.runtime_device(providers)
     from .sampling import check_seed
     check_seed(seed)
-    import torch
     from tqdm import tqdm
     from .bundle import Bundle
     from .checkpoint import build_models, load_checkpoint
     from .generate import SampleSettings
     from .runtime.ort_runtime import Runtime
-    from .validate import ValidationError, validate_bundle
+    from .validate import validate_bundle
+    if report_dir:
+        from .validation.report import check_target
+        check_target(report_dir)
     b = Bundle.open(bundle, verify=False)
     labels = opt.classes(classes, b.batch) if classes is not None else [i % 1000 for i in range(b.batch)]
     b.verify(show_progress=True)
@@ -282,23 +327,7 @@ def validate(bundle, ckpt, vae, classes, seed, cfg, top_p, providers, json_out, 
     bar = tqdm(total=10, desc="teacher forcing", unit="scale", file=sys.stderr)
     rep = validate_bundle(backend, model, v, labels, seed, settings, m["precision"], progress=lambda si: bar.update(1))
     bar.close()
-    click.echo(f"bundle {bundle} ({m['precision']}, {m['lowering']}, batch {b.batch}) on {', '.join(backend.provider_names)}")
-    click.echo(rep.table())
-    if json_out:
-        from .fsutil import write_json_atomic
-        write_json_atomic(json_out, rep.to_dict())
-    if grid and rep.images:
-        from .images import save_grid
-        ref, got = torch.from_numpy(rep.images["reference"]), torch.from_numpy(rep.images["bundle"])
-        diff = ((got - ref).abs() * 10).clamp(0, 1)
-        save_grid(torch.cat([ref, got, diff]), grid, cols=len(labels),
-                  labels=[f"reference {c}" for c in labels] + [f"bundle {c}" for c in labels] + [f"|diff|x10 {c}" for c in labels],
-                  title=f"validate: PSNR {rep.psnr_db:.1f} dB, token agreement {100 * rep.token_agreement:.2f}%")
-        click.echo(f"wrote {grid}")
-    if rep.failures:
-        click.echo("\n".join("FAIL " + f for f in rep.failures), err=True)
-        raise ValidationError(f"{len(rep.failures)} check(s) failed: {rep.failures[0]}")
-    click.echo("all checks passed")
+    return rep, backend, b, labels
 
 
 @main.command()

@@ -62,9 +62,11 @@ class FFN(nn.Module):
     def forward(self, h_TC: torch.Tensor):
         return self.fc2(F.gelu(self.fc1(h_TC), approximate="tanh"))
 
-    def experts(self, h_TC: torch.Tensor, router_TN: torch.Tensor, k_w: int):
-        """Routed expert FFN on router logits `router_TN`; returns (out_TC, experts_TE)."""
-        experts_TE = ops.route_experts(router_TN, k_w)
+    def experts(self, h_TC: torch.Tensor, router_TN: torch.Tensor, k_w: int,
+                experts_TE: Optional[torch.Tensor] = None):
+        """Routed expert FFN on router logits `router_TN` (or the given experts_TE); returns (out_TC, experts_TE)."""
+        if experts_TE is None:
+            experts_TE = ops.route_experts(router_TN, k_w)
         out = ops.expert_ffn(h_TC, experts_TE, self.fc1.weight, self.fc1.bias, self.fc2.weight,
                              self.fc2.bias, self.num_experts)
         return out, experts_TE
@@ -98,15 +100,18 @@ class Block(nn.Module):
         return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
     def forward(self, x_SlC, cond_SC, cache: Optional[KV], k_t: Optional[int] = None,
-                k_w: Optional[int] = None):
-        """One block at one scale. k_t/k_w None: dense VAR block. Returns (x, new (k, v), aux)."""
+                k_w: Optional[int] = None, force: Optional[BlockAux] = None):
+        """One block at one scale. k_t/k_w None: dense VAR block. Returns (x, new (k, v), aux).
+        `force` injects decisions (its idx_SK / experts_SKE, where set) in place of the block's own;
+        the scores are still the block's (validation measures margins on them)."""
         g1, g2, s1, s2, b1, b2 = self.ada(cond_SC)
         aux = BlockAux()
         if k_t is None:
             xs = x_SlC
         else:
             aux.scores_SL = self.selector(x_SlC).squeeze(-1).float()
-            aux.idx_SK = ops.select_tokens(aux.scores_SL, k_t)
+            aux.idx_SK = (force.idx_SK if force is not None and force.idx_SK is not None
+                          else ops.select_tokens(aux.scores_SL, k_t))
             xs = ops.gather_tokens(x_SlC, aux.idx_SK)
         a, kv = self.attn(self.ln(xs) * (1 + s1) + b1, cache)
         xs = xs + a * g1
@@ -116,7 +121,8 @@ class Block(nn.Module):
         else:
             S, K, C = h.shape
             aux.router_SKN = self.ffn.router(h).float()
-            f, experts = self.ffn.experts(h.reshape(S * K, C), aux.router_SKN.reshape(S * K, -1), k_w)
+            forced = None if force is None or force.experts_SKE is None else force.experts_SKE.reshape(S * K, -1)
+            f, experts = self.ffn.experts(h.reshape(S * K, C), aux.router_SKN.reshape(S * K, -1), k_w, forced)
             f, aux.experts_SKE = f.view(S, K, C), experts.view(S, K, -1)
         xs = xs + f * g2
         x_out = xs if k_t is None else ops.scatter_tokens(x_SlC, aux.idx_SK, xs)
@@ -191,12 +197,12 @@ class VAR(nn.Module):
 
     # ---- one scale ----
     def step(self, si: int, x_SlC: torch.Tensor, cond_SC: torch.Tensor,
-             caches: List[Optional[KV]]) -> StepOut:
+             caches: List[Optional[KV]], force: Optional[List[BlockAux]] = None) -> StepOut:
         k_t, k_w = self.sizes(si)
         out = StepOut(logits_SlV=None, kv=[])
         x = x_SlC
         for b, blk in enumerate(self.blocks):
-            x, kv, aux = blk(x, cond_SC, caches[b], k_t, k_w)
+            x, kv, aux = blk(x, cond_SC, caches[b], k_t, k_w, None if force is None else force[b])
             out.kv.append(kv)
             out.aux.append(aux)
         out.logits_SlV = self.head(self.head_nm(x.float(), cond_SC).float()).float()

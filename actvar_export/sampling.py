@@ -20,16 +20,21 @@ SAMPLERS = ("official", "noise")
 
 
 def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """A filtered copy of the logits (removed entries are -inf), exactly VAR's rule:
-    top-k keeps every logit >= the k-th largest; top-p sorts ascending and removes tokens whose
-    ascending cumulative probability is <= 1 - top_p, always keeping the most likely token."""
+    """A filtered copy of the logits (removed entries are -inf), VAR's rule with its ties made
+    deterministic (design §3): top-k keeps every logit >= the k-th largest (ties at the cut all survive);
+    top-p orders the survivors by logit descending, equal logits by ascending id, normalises over ALL
+    survivors and, walking from the end, removes a token while the mass of it and everything after it
+    is <= 1 - top_p; the first (most likely) token is always kept."""
     logits = logits_BlV.clone()
     V = logits.shape[-1]
     if top_k > 0:
         kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth, -torch.inf)
     if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        # VAR's arithmetic (ascending order, cumulative sum from the smallest); the order of equal logits
+        # is the design's: descending by id in this ascending walk, from a stable descending sort flipped
+        desc, desc_idx = logits.sort(dim=-1, descending=True, stable=True)
+        sorted_logits, sorted_idx = desc.flip(-1), desc_idx.flip(-1)
         remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         remove_sorted[..., -1:] = False
         logits.masked_fill_(remove_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, remove_sorted), -torch.inf)
@@ -49,16 +54,42 @@ def multinomial(filtered_BlV: torch.Tensor, rng: Optional[torch.Generator]) -> t
     return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, l)
 
 
-def inverse_cdf(probs_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
-    """First id (vocabulary order) whose cumulative probability exceeds u·total."""
-    cdf = probs_BlV.cumsum(dim=-1)
+CUMSUM_BLOCK = 64   # = export.step.CUMSUM_BLOCK
+
+
+def cumsum_fp32(w: np.ndarray) -> np.ndarray:
+    """Inclusive fp32 cumulative sum over the last axis in the exported graphs' order: within blocks of 64
+    one after the other, then each block's sum of all earlier blocks (summed one after the other) added once."""
+    w = np.asarray(w, np.float32)
+    V = w.shape[-1]
+    if V % CUMSUM_BLOCK:
+        return np.cumsum(w, axis=-1, dtype=np.float32)
+    inner = np.cumsum(w.reshape(*w.shape[:-1], V // CUMSUM_BLOCK, CUMSUM_BLOCK), axis=-1, dtype=np.float32)
+    tot = inner[..., -1]
+    before = np.zeros_like(tot)
+    before[..., 1:] = np.cumsum(tot[..., :-1], axis=-1, dtype=np.float32)
+    return (inner + before[..., None]).reshape(w.shape)
+
+
+def inverse_cdf(weights_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
+    """First id (vocabulary order) whose cumulative weight exceeds u·total (weights need not sum to 1).
+    fp32 weights are summed in fp32 in the exported graphs' order (`cumsum_fp32`; torch's CPU cumsum
+    accumulates in fp64, which moves u·total across a boundary once in ~10^4 rows)."""
+    if weights_BlV.dtype == torch.float32:
+        cdf = torch.from_numpy(cumsum_fp32(weights_BlV.cpu().numpy())).to(weights_BlV.device)
+    else:
+        cdf = weights_BlV.cumsum(dim=-1)
     thresh = u_Bl.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
-    return (cdf <= thresh).sum(dim=-1).clamp_max(probs_BlV.shape[-1] - 1)
+    return (cdf <= thresh).sum(dim=-1).clamp_max(weights_BlV.shape[-1] - 1)
 
 
 def sample_noise(logits_BlV: torch.Tensor, u_Bl: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    probs = filter_top_k_top_p(logits_BlV.float(), top_k, top_p).softmax(dim=-1)
-    return inverse_cdf(probs, u_Bl)
+    """The `noise` sampler: the filter, then the inverse CDF over exp(logit - max) of the kept ids
+    (the unnormalised weights the exported graphs accumulate, in fp32)."""
+    logits = logits_BlV.float()
+    kept = torch.isfinite(filter_top_k_top_p(logits, top_k, top_p))
+    w = torch.where(kept, (logits - logits.amax(dim=-1, keepdim=True)).exp(), 0.0)
+    return inverse_cdf(w, u_Bl)
 
 
 def gumbel_soft(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:

@@ -3,7 +3,8 @@
 #   scripts/device_check.sh                # every section present, in order
 #   scripts/device_check.sh kernels        # build + GPU kernel tests + kernel benchmarks
 #   scripts/device_check.sh build tests    # individual steps
-# Sections: build, tests, bench (kernels = build tests bench), ort (the bundle runtime vs eager), triton (serving throughput), ortops (the
+# Sections: build, tests, bench (kernels = build tests bench), ort (the bundle runtime vs eager), triton (serving throughput), validate_gpu (d16 fp16 bundles validated
+# through the CUDA EP, reports under $OUT), ortops (the
 # ONNX Runtime custom-op library plugins/ort and its GPU tests), trtplugins (the TensorRT plugin library's test
 # program: enqueue on the GPU compared with the reference ops), probe (the expert GEMMs alone,
 # benchmarks/gemm_probe.cu; not in the default list). Other sections can be added as functions named
@@ -215,8 +216,30 @@ section_triton() {
     return ${PIPESTATUS[0]}
 }
 
+section_validate_gpu() {
+    # d16 fp16 bundles (portable, and plugin: its ActVarExpertFFN/TokenScatter run through ONNX Runtime's
+    # Python custom ops, or the GPU runtime once it lands) validated through ONNX Runtime's CUDA EP under the
+    # rules of docs/validation.md; the reports (report.md, grid.png, errors.png) come back under $OUT.
+    # Needs onnxruntime-gpu as section_ort installs it.
+    echo "== validate_gpu: d16 fp16 bundles through the CUDA EP"
+    local w=/tmp/validate_gpu_$$ rc=0
+    mkdir -p "$w"
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 -m actvar_export init-ckpt --depth 16 --out "$w/d16.pt" || return 1
+    for low in portable plugin; do
+        python3 -m actvar_export build --ckpt "$w/d16.pt" --out "$w/b_$low" --batch 4 --precision fp16 --lowering $low --force || { rc=1; continue; }
+        python3 -m actvar_export validate --bundle "$w/b_$low" --ckpt "$w/d16.pt" --providers cuda,cpu \
+            --report "$w/report_$low" 2>&1 | tee "$OUT/validate_d16_fp16_$low.log" | tail -20
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+        # one file per report ($OUT returns few files); polygraphy/ (d16 caches, large) stays behind
+        tar -C "$w/report_$low" -cf "$OUT/validate_d16_fp16_$low.tar" report.md report.json errors.png grid.png
+    done
+    rm -rf "$w"
+    return $rc
+}
+
 ALL=(kernels)
-for s in ort ortops trtplugins cpp triton; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort ortops trtplugins cpp triton validate_gpu; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 

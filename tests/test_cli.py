@@ -19,8 +19,8 @@ def run(*args):
     return r
 
 
-def assert_one_line_error(r, *needles):
-    assert r.exit_code == 1, r.output
+def assert_one_line_error(r, *needles, code=1):
+    assert r.exit_code == code, r.output
     lines = [l for l in r.output.strip().splitlines() if l.startswith("Error:")]
     assert len(lines) == 1 and "Traceback" not in r.output, r.output
     for n in needles:

@@ -1,4 +1,4 @@
-"""Every command against every bad input: exit code 1, exactly one `Error:` line naming the problem,
+"""Every command against every bad input: exit code 1 (2 for validate), exactly one `Error:` line naming the problem,
 no traceback, nothing new or changed where the command would write, no temporary file left.
 Faults: a read-only and a full file system (small tmpfs mounts; skipped where mounting is not
 permitted), SIGTERM/SIGHUP/SIGKILL during a d8 build in a subprocess."""
@@ -204,7 +204,8 @@ def test_bad_input_matrix(case, W, monkeypatch):
     fill = {k: v for k, v in W.items() if isinstance(v, Path)}
     args = [a.format(**fill) for a in argv]
     before = snapshot(W["root"])
-    assert_one_line_error(run(*args), *needles)
+    # validate: 2 for bad usage or input (1 means a bundle failed validation); every other command: 1
+    assert_one_line_error(run(*args), *needles, code=2 if args[0] == "validate" else 1)
     after = snapshot(W["root"])                   # nothing new, changed or left behind (temporary files included)
     assert {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)} == {}
 

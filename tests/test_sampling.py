@@ -19,25 +19,30 @@ def np_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
         keep &= logits >= kth
     if top_p > 0:
         x = np.where(keep, logits, -np.inf)
-        order = np.argsort(x, kind="stable")           # ascending
+        order = np.argsort(-x, kind="stable")          # descending, equal logits by ascending id
         p = np.exp(x[order] - x.max())
         p /= p.sum()
-        asc = np.cumsum(p)
-        removed = asc <= 1 - top_p
-        removed[-1] = False
+        tail = np.cumsum(p[::-1])[::-1]                # mass of each token and everything after it
+        removed = tail <= 1 - top_p
+        removed[0] = False
         keep[order[removed]] = False
     return keep
 
 
 def np_draw(logits, keep, u):
-    p = np.where(keep, np.exp(logits - logits[keep].max()), 0.0)
-    p /= p.sum()
-    c = 0.0
-    for i, pi in enumerate(p):
-        c += pi
-        if c > u:
+    """Design §3's draw in explicit fp32 steps: weights exp(x - max) of the kept ids, summed one after
+    the other in vocabulary order; the first id whose running sum exceeds u·total."""
+    x = logits.astype(np.float32)
+    w = np.where(keep, np.exp(x - x[keep].max()), np.float32(0)).astype(np.float32)
+    total = np.float32(0)
+    for wi in w:
+        total = np.float32(total + wi)
+    thr, c = np.float32(np.float32(u) * total), np.float32(0)
+    for i, wi in enumerate(w):
+        c = np.float32(c + wi)
+        if c > thr:
             return i
-    return int(np.nonzero(p)[0][-1])
+    return len(w) - 1
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.0), (900, 0.0), (0, 0.9), (900, 0.96), (50, 0.5), (1, 0.9)])
@@ -147,3 +152,63 @@ def test_more_smooth_uses_filtered_logits(vae):
     plain = generate(m, vae, labels, SampleSettings(top_k=1, top_p=0.0), seed=6, decode=False)
     assert all(torch.equal(a, b) for a, b in zip(smooth.idx, plain.idx))
     assert torch.allclose(smooth.f_hat, plain.f_hat, atol=1e-5)
+
+
+def _sampler_session(k: int, V: int):
+    import onnxruntime as ort
+    from actvar_export.export.graph import F32, I64, Graph
+    from actvar_export.export.step import noise_sampler
+    g = Graph("sampler", None, "fp32")
+    lc, u, tp = g.input("lc", F32, ["n", 1, V]), g.input("u", F32, ["n", 1]), g.input("top_p", F32, [1])
+    g.output(noise_sampler(g, lc, u, tp, k, V), "idx", I64, ["n", 1])
+    return ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _logit_rows(kind: str, n: int, V: int, k: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(n, V, generator=g) * 3
+    if kind == "fp16":                        # values a fp16 head produces: ties are common
+        return x.half().float()
+    if kind == "quantised":                   # 0.5 steps: every cut (top-k and top-p) falls inside a tie group
+        return (x * 2).round() / 2
+    if kind == "tie_at_cut":                  # ~1 % of ids set to the k-th value: more than k survive top-k
+        kth = x.topk(k, dim=-1).values[:, -1:]
+        return torch.where(torch.rand(n, V, generator=g) < 0.01, kth, x)
+    return x
+
+
+# 100,000 rows in all: the bulk at a smaller vocabulary (same code path, k/V as 900/4096), the rest at V=4096
+PARITY = [(512, 112, 0.96, 18000), (512, 30, 0.5, 5000), (4096, 900, 0.96, 2000)]
+
+
+def test_exported_sampler_equals_reference_id_for_id():
+    """The graph's `noise` sampler (export/step.py) and `sample_noise` on identical logits: fp32, fp16-valued,
+    heavily quantised and tie-at-the-cut rows, 100,000 in all: identical ids. The rows must contain both
+    kinds of tie the rule is about (a tie group at the top-k cut, one straddling the top-p cut)."""
+    g = torch.Generator().manual_seed(1)
+    rows = straddle_k = straddle_p = 0
+    for V, k, top_p, n in PARITY:
+        s = _sampler_session(k, V)
+        for kind in ("fp32", "fp16", "quantised", "tie_at_cut"):
+            x, u = _logit_rows(kind, n, V, k, g), torch.rand(n, generator=g)
+            want = sample_noise(x[:, None], u[:, None], k, top_p)[:, 0].numpy()
+            got = s.run(None, {"lc": x[:, None].numpy(), "u": u[:, None].numpy(),
+                               "top_p": np.array([top_p], np.float32)})[0][:, 0]
+            bad = np.nonzero(got != want)[0]
+            assert bad.size == 0, f"V={V} k={k} {kind}: {bad.size} of {n} ids differ, rows {bad[:5].tolist()}"
+            rows += n
+            kept = torch.isfinite(filter_top_k_top_p(x[:, None], k, top_p))[:, 0]
+            straddle_k += int(((x >= x.topk(k, dim=-1).values[:, -1:]).sum(-1) > k).sum())
+            last = torch.where(kept, x, torch.inf).amin(-1, keepdim=True)     # smallest kept logit
+            straddle_p += int(((x == last) & ~kept).any(-1).sum())            # part of its tie group removed
+    assert rows == 100000
+    assert straddle_k > 10000 and straddle_p > 10000, (straddle_k, straddle_p)
+
+
+def test_sampler_tie_rules_match_independent_numpy():
+    """Ties at both cuts on quantised rows: the reference filter equals the rule written in numpy (design §3)."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(40, 512, generator=g) * 6).round().double()
+    for k, p in [(112, 0.96), (30, 0.5), (0, 0.9)]:
+        f = filter_top_k_top_p(x.unsqueeze(0), k, p)[0]
+        for r in range(40):
+            assert np.array_equal(torch.isfinite(f[r]).numpy(), np_filter(x[r].numpy(), k, p)), (k, p, r)

@@ -88,7 +88,6 @@ class StepBuilder:
         self.spec, self.si, self.B = spec, si, batch
         self.fused = attention_kind(target, precision) == FUSED_ATTENTION
         self.fast_gelu = gelu_kind(target) == FUSED_GELU
-        self.blocked_cumsum = target == "onnxruntime"
         self.g = Graph(f"actvar_step_{si}", store, precision)
         self.P = self.g.P
         self.lowering, self.top_k = lowering, top_k
@@ -296,38 +295,7 @@ class StepBuilder:
         return lc
 
     def sample(self, lc, u, top_p, cfg):
-        """The `noise` sampler: VAR's top-k / top-p filter, then the inverse CDF in vocabulary order."""
-        g, k = self.g, self.top_k
-        vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)      # (B, l, k) desc
-        mx = g.slice(vals, [0], [1], [2])
-        e = g.op("Exp", [g.op("Sub", [vals, mx])])
-        p = g.op("Div", [e, g.op("ReduceSum", [e, g.i64(-1)], keepdims=1)])
-        asc = g.op("CumSum", [p, g.i64(-1)], reverse=1)   # ascending cumulative probability of each kept rank
-        thr = g.op("Where", [g.op("Greater", [top_p, g.scalar(0.0)]),
-                             g.op("Sub", [g.scalar(1.0), top_p]), g.scalar(-1.0)])
-        keep_n = g.op("ReduceSum", [g.cast(g.op("Greater", [asc, thr]), I64), g.i64(-1)], keepdims=1)
-        keep_n = g.op("Max", [keep_n, g.i64(1)])                                           # the top token stays
-        last = g.op("GatherElements", [vals, g.op("Sub", [keep_n, g.i64(1)])], axis=2)     # smallest kept logit
-        keep = g.op("GreaterOrEqual", [lc, last])
-        w = g.op("Where", [keep, g.op("Exp", [g.op("Sub", [lc, mx])]), g.scalar(0.0)])
-        cdf = self.cumsum_vocab(w)
-        total = g.slice(cdf, [self.V - 1], [self.V], [2])
-        below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
-        count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
-        return g.op("Min", [count, g.i64(self.V - 1)])
-
-    def cumsum_vocab(self, w, block: int = 64):
-        """Inclusive cumulative sum over the vocabulary axis of (B, l, V). For the onnxruntime target in two
-        levels (within blocks of 64, then the blocks' exclusive prefix added): ONNX Runtime's CUDA CumSum
-        sums each output element's whole prefix (O(V²) per row), the largest kernel of the d16 batch-16
-        profile on the H100; the two levels do O(V·64). Only the order of the fp32 additions differs."""
-        g, B, l, V = self.g, self.B, self.l, self.V
-        if not self.blocked_cumsum or V % block:
-            return g.op("CumSum", [w, g.i64(-1)])
-        inner = g.op("CumSum", [g.reshape(w, B, l, V // block, block), g.i64(-1)])             # (B, l, nb, 64)
-        tot = g.slice(inner, [block - 1], [block], [3])                                       # block sums
-        before = g.op("CumSum", [tot, g.i64(2)], exclusive=1)
-        return g.reshape(g.op("Add", [inner, before]), B, l, V)
+        return noise_sampler(self.g, lc, u, top_p, self.top_k, self.V)
 
     def fhat_update(self, f_hat, idx):
         g, B, pn = self.g, self.B, PATCH_NUMS[self.si]
@@ -350,6 +318,61 @@ class StepBuilder:
         x = self.linear(d, [B, pn * pn], CVAE, self.C, "word_embed")
         x = g.op("Add", [x, self.lvl_pos(si + 1)])
         return g.op("Concat", [x, x], axis=0)
+
+
+CUMSUM_BLOCK = 64
+
+
+def cumsum_vocab(g: Graph, x: str, V: int) -> str:
+    """Inclusive cumulative sum over the last axis (V) of a rank-3 (B, l, V) tensor, in two levels: within
+    blocks of CUMSUM_BLOCK, then the blocks' exclusive prefix added (one fp32 addition). ONNX Runtime's CUDA
+    CumSum sums each element's whole prefix (O(V²) per row; the largest kernel of the d16 batch-16 profile on
+    the H100); the two levels do O(V·64). `sampling.cumsum_fp32` is the same order of fp32 additions."""
+    if V % CUMSUM_BLOCK:
+        return g.op("CumSum", [x, g.i64(-1)])
+    inner = g.op("CumSum", [g.op("Reshape", [x, g.i64(0, 0, V // CUMSUM_BLOCK, CUMSUM_BLOCK)]), g.i64(-1)])
+    tot = g.slice(inner, [CUMSUM_BLOCK - 1], [CUMSUM_BLOCK], [3])                         # (B, l, nb, 1)
+    before = g.op("CumSum", [tot, g.i64(2)], exclusive=1)
+    return g.op("Reshape", [g.op("Add", [inner, before]), g.i64(0, 0, V)])
+
+
+def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
+    """The `noise` sampler of design §3 on logits lc (..., V): top-k keeps every logit >= the k-th
+    largest (a tie group at the cut survives whole, so more than k may survive); top-p walks the survivors
+    in descending order (equal logits by ascending id) with p normalised over ALL survivors; the draw is
+    the inverse CDF in vocabulary order. A static TopK returns k values: the n_x survivors beyond them all
+    equal the k-th value, so they enter the normaliser and the tail sums analytically (j·p_k for the j-th
+    from the end), and the kept set is "logit > last kept value, plus the first m ids equal to it".
+    lc is (B, l, V); the vocabulary sums run in `cumsum_vocab`'s order."""
+    cumsum = lambda x: cumsum_vocab(g, x, V)  # noqa: E731
+    vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)     # (..., k) desc
+    mx, kth = g.slice(vals, [0], [1], [-1]), g.slice(vals, [k - 1], [k], [-1])
+    survive = g.op("GreaterOrEqual", [lc, kth])                                          # (..., V)
+    e = g.op("Exp", [g.op("Sub", [lc, mx])])
+    z = g.op("ReduceSum", [g.op("Where", [survive, e, g.scalar(0.0)]), g.i64(-1)], keepdims=1)
+    n_x = g.op("Sub", [g.op("ReduceSum", [g.cast(survive, I64), g.i64(-1)], keepdims=1), g.i64(k)])
+    p_k = g.op("Div", [g.op("Exp", [g.op("Sub", [kth, mx])]), z])                        # each survivor at the cut
+    extra = g.op("Mul", [g.cast(n_x, F32), p_k])                                          # mass beyond the TopK
+    p = g.op("Div", [g.op("Exp", [g.op("Sub", [vals, mx])]), z])
+    tail = g.op("Add", [g.op("CumSum", [p, g.i64(-1)], reverse=1), extra])    # mass of a rank and all after it
+    thr = g.op("Where", [g.op("Greater", [top_p, g.scalar(0.0)]), g.op("Sub", [g.scalar(1.0), top_p]), g.scalar(-1.0)])
+    kept_top = g.op("ReduceSum", [g.cast(g.op("Greater", [tail, thr]), I64), g.i64(-1)], keepdims=1)
+    # survivors beyond the TopK: the j-th from the end is kept iff j·p_k > thr, i.e. j > floor(thr / p_k)
+    removed_x = g.cast(g.op("Floor", [g.op("Div", [g.op("Max", [thr, g.scalar(0.0)]), p_k])]), I64)
+    kept_x = g.op("Max", [g.op("Sub", [n_x, g.op("Min", [removed_x, n_x])]), g.i64(0)])
+    keep_n = g.op("Max", [g.op("Add", [kept_top, kept_x]), g.i64(1)])                  # the top token stays
+    last = g.op("GatherElements", [vals, g.op("Sub", [g.op("Min", [keep_n, g.i64(k)]), g.i64(1)])], axis=-1)
+    above = g.op("Greater", [lc, last])
+    at = g.op("Equal", [lc, last])
+    m = g.op("Sub", [keep_n, g.op("ReduceSum", [g.cast(above, I64), g.i64(-1)], keepdims=1)])
+    first_m = g.op("LessOrEqual", [cumsum(g.cast(at, F32)), g.cast(m, F32)])   # exact < 2^24
+    keep = g.op("Or", [above, g.op("And", [at, first_m])])
+    w = g.op("Where", [keep, e, g.scalar(0.0)])
+    cdf = cumsum(w)
+    total = g.slice(cdf, [V - 1], [V], [-1])
+    below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
+    count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
+    return g.op("Min", [count, g.i64(V - 1)])
 
 
 def _f32_tensor(v: float):

@@ -1,0 +1,262 @@
+"""`validate` can fail: mutated bundles (one step graph edited with `onnx`, manifest digest rewritten
+as a malicious edit would) fail and the report names the scale and the output; unmodified bundles pass;
+near-ties are explained only within tolerance; the report directory re-checks through Polygraphy's CLI."""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from actvar_export.bundle import Bundle, build_bundle, sha256_file
+from actvar_export.checkpoint import build_models, load_checkpoint
+from actvar_export.config import TOTAL_TOKENS
+from actvar_export.generate import SampleSettings
+from actvar_export.runtime.ort_runtime import Runtime
+from actvar_export.sampling import noise_for
+from actvar_export.validate import reference_feeds, validate_bundle
+from actvar_export.validation.rules import ALPHA_MAX, Tolerances, check_selection
+
+LABELS, SEED = [5, 400], 7
+SETTINGS = SampleSettings(sampler="noise", cfg=1.5, top_k=900, top_p=0.96)
+PRECISIONS = ["fp32", "fp16"]     # bf16 bundles: see docs/validation.md (no CPU build/run)
+# plugin bundles at fp16: the CPU custom ops (runtime/ort_ops.py) take fp32 only; fp16 plugin graphs run on the GPU
+LOWERED = [("fp32", "portable"), ("fp32", "plugin"), ("fp16", "portable")]
+
+
+@pytest.fixture(scope="module")
+def models(actvar_ckpt):
+    return build_models(load_checkpoint(actvar_ckpt))
+
+
+@pytest.fixture(scope="module")
+def feeds(models):
+    model, vae = models
+    u = noise_for(len(LABELS), SEED, TOTAL_TOKENS)
+    return reference_feeds(model, vae, torch.tensor(LABELS), u, SETTINGS, decode=False)[0]
+
+
+@pytest.fixture(scope="module")
+def bundles(actvar_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vbundles")
+    return {(p, low): build_bundle(actvar_ckpt, root / f"{p}_{low}", batch=len(LABELS), precision=p, lowering=low,
+                                   show_progress=False)
+            for p, low in LOWERED}
+
+
+# ---------- mutations: edit one node/initializer of one step graph ----------
+def _consumer(m, pred):
+    return next(n for n in m.graph.node if pred(n))
+
+
+def _insert_before_input(m, node, i, op_type, extra_inputs, **attrs):
+    """Route node.input[i] through a new node (op_type, inputs [x] + extra_inputs)."""
+    out = node.input[i] + "_mutated"
+    m.graph.node.insert(list(m.graph.node).index(node), helper.make_node(op_type, [node.input[i]] + extra_inputs, [out], **attrs))
+    node.input[i] = out
+
+
+def _const(m, name, arr):
+    m.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+    return name
+
+
+def invert_token_selection(m):
+    """block 0's selector TopK picks the K_t lowest scores."""
+    n = _consumer(m, lambda n: n.op_type == "TopK")
+    for a in n.attribute:
+        if a.name == "largest":
+            a.i = 0
+
+
+def swap_expert_slices(m):
+    """block 0: fc1's hidden units of experts 0 and 1 exchanged (fc2 unchanged)."""
+    w = "blocks.0.ffn.fc1.weight"
+    n = _consumer(m, lambda n: w in n.input)
+    hidden = next(t for t in m.graph.initializer if t.name == w).dims[0]
+    d = hidden // 16
+    perm = np.arange(hidden)
+    perm[:d], perm[d:2 * d] = np.arange(d, 2 * d), np.arange(d)
+    for key in (w, "blocks.0.ffn.fc1.bias"):
+        _insert_before_input(m, n, list(n.input).index(key), "Gather", [_const(m, key + "_perm", perm.astype(np.int64))], axis=0)
+
+
+def scale_fc2(m):
+    """block 0's fc2 weights x 1.01."""
+    w = "blocks.0.ffn.fc2.weight"
+    n = _consumer(m, lambda n: w in n.input)
+    dt = next(t for t in m.graph.initializer if t.name == w).data_type
+    _insert_before_input(m, n, list(n.input).index(w), "Mul", [_const(m, "fc2_scale", np.array(1.01, helper.tensor_dtype_to_np_dtype(dt)))])
+
+
+def shift_kv(m):
+    """kv_out shifted by one cache position (the last entry moved to the front)."""
+    n = _consumer(m, lambda n: n.output[0] == "kv_out")
+    i64 = lambda *v: _const(m, f"kv_i{len(m.graph.initializer)}", np.array(v, np.int64))
+    x = n.input[0]
+    tail = helper.make_node("Slice", [x, i64(-1), i64(2 ** 40), i64(4)], [x + "_tail"])
+    head = helper.make_node("Slice", [x, i64(0), i64(-1), i64(4)], [x + "_head"])
+    cat = helper.make_node("Concat", [x + "_tail", x + "_head"], [x + "_shifted"], axis=4)
+    idx = list(m.graph.node).index(n)
+    for k, new in enumerate((tail, head, cat)):
+        m.graph.node.insert(idx + k, new)
+    n.input[0] = x + "_shifted"
+
+
+def scale_top_p(m):
+    """the sampler's top-p input x 0.94."""
+    users = [n for n in m.graph.node if "top_p" in n.input]
+    m.graph.node.insert(0, helper.make_node("Mul", ["top_p", _const(m, "tp_scale", np.array([0.94], np.float32))], ["top_p_x"]))
+    for n in users:
+        n.input[list(n.input).index("top_p")] = "top_p_x"
+
+
+def guidance_plus_one(si):
+    def mutate(m):
+        """the guidance weight constant si/9 -> (si+1)/9."""
+        n = _consumer(m, lambda n: n.op_type == "Mul" and "cfg" in n.input)
+        t = next(t for t in m.graph.initializer if t.name == n.input[1])
+        assert np.isclose(numpy_helper.to_array(t), si / 9)
+        t.CopyFrom(numpy_helper.from_array(np.array((si + 1) / 9, np.float32), t.name))
+    return mutate
+
+
+# (name, scale, mutation, output the report must name)
+MUTATIONS = [("tokens_inverted", 9, invert_token_selection, "sel_idx"),
+             ("experts_swapped", 9, swap_expert_slices, None),
+             ("fc2_x1.01", 9, scale_fc2, None),
+             ("kv_shifted", 5, shift_kv, "kv_out"),
+             ("top_p_x0.94", 4, scale_top_p, "idx"),
+             ("guidance_plus_one", 3, guidance_plus_one(3), "logits")]
+
+
+def mutant(src, dst, si, mutate):
+    """A copy of the bundle (weights.bin hard-linked) with step_si edited and its manifest digest rewritten."""
+    dst.mkdir()
+    for p in src.iterdir():
+        (os.link if p.name == "weights.bin" else shutil.copy)(p, dst / p.name)
+    f = dst / f"step_{si}.onnx"
+    m = onnx.load(str(f), load_external_data=False)
+    mutate(m)
+    onnx.save(m, str(f))
+    man = json.loads((dst / "manifest.json").read_text())
+    man["files"][f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    (dst / "manifest.json").write_text(json.dumps(man))
+    return Bundle.open(dst)
+
+
+def _validate(bundle, models, feeds, scales, precision):
+    model, vae = models
+    return validate_bundle(Runtime(bundle, "cpu"), model, vae, LABELS, SEED, SETTINGS,
+                           precision, end_to_end=False, scales=scales, feeds=feeds)
+
+
+def test_unmodified_fp16_bundle_passes(bundles, models, feeds):
+    """fp16, every scale (fp32: test_cli_report_and_polygraphy_recheck here, both lowerings in test_export.py)."""
+    rep = _validate(Bundle.open(bundles["fp16", "portable"]), models, feeds, None, "fp16")
+    assert rep.failures == [], rep.table()
+    assert len(rep.scales) == 10 and all(s.errors for s in rep.scales)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("name, si, mutate, output", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_mutated_bundle_fails(bundles, models, feeds, tmp_path, precision, name, si, mutate, output):
+    lowerings = ["portable"] + (["plugin"] if name in ("tokens_inverted", "experts_swapped", "fc2_x1.01") and precision == "fp32" else [])
+    for low in lowerings:
+        b = mutant(bundles[precision, low], tmp_path / low, si, mutate)
+        rep = _validate(b, models, feeds, [si], precision)
+        assert rep.failures, f"{name} {precision} {low} passed:\n{rep.table()}"
+        assert all(f.startswith(f"scale {si} ") for f in rep.failures), rep.failures
+        if output:
+            assert any(f.startswith(f"scale {si} {output}") for f in rep.failures), rep.failures
+
+
+def test_near_tie_within_tolerance_is_explained_and_10x_is_not():
+    """Block 0 of a constructed selection: the backend swaps the K-th and (K+1)-th token. With their score
+    gap at half the tolerance the flip is explained; the same flip with a gap of 10x the tolerance fails."""
+    tol = Tolerances("fp16", 128, 2)
+    g = torch.Generator().manual_seed(0)
+    S, L, K = 4, 64, 48
+    for factor, ok in ((0.5, True), (10.0, False)):
+        sc = torch.randn(1, S, L, generator=g).double().numpy()
+        rms = np.sqrt((sc[0, 0] ** 2).mean())
+        allowed = ALPHA_MAX * tol.scale("sel_idx", 0) * rms
+        order = np.argsort(-sc[0, 0])
+        a, b = order[K - 1], order[K]
+        sc[0, 0, b] = sc[0, 0, a] - factor * allowed          # gap between the K-th and (K+1)-th
+        rms = np.sqrt((sc[0, 0] ** 2).mean())                 # (rms barely moves: the tolerance is re-derived)
+        own = np.sort(np.argsort(-sc[0], axis=-1, kind="stable")[:, :K], axis=-1)[None]
+        got = own.copy()
+        got[0, 0] = np.sort(np.where(own[0, 0] == a, b, own[0, 0]))
+        f = check_selection(9, "sel_idx", got, sc, tol, K)
+        assert f.differing == 2
+        assert (f.failures == []) is ok, (factor, f.failures)
+        if not ok:
+            assert "scale 9 sel_idx: block 0" in f.failures[0]
+
+
+def test_cli_report_and_polygraphy_recheck(bundles, actvar_ckpt, tmp_path):
+    """`validate --report DIR` on a tiny portable bundle passes (exit 0) and writes the report; the README's
+    `polygraphy run ...` line re-checks scale 9 through Polygraphy's CLI: passes, and fails once one
+    output of the saved reference is perturbed beyond its tolerance. Bad input exits 2 before any work."""
+    from click.testing import CliRunner
+    from polygraphy.comparator import RunResults
+    from actvar_export.cli import main
+    from .test_cli import assert_one_line_error
+    b, out = bundles["fp32", "portable"], tmp_path / "report"
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a], catch_exceptions=False)
+    r = run("validate", "--bundle", b, "--ckpt", actvar_ckpt, "--classes", "5,400", "--seed", SEED, "--report", out)
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "errors.png", "grid.png", "polygraphy"}
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] and len(rep["scales"]) == 10 and rep["end_to_end"]["token_agreement"] >= 0.99
+    assert (out / "polygraphy" / "step_9_inputs.json").exists() and (out / "polygraphy" / "step_0_reference.json").exists()
+    line = next(l.strip() for l in (out / "report.md").read_text().splitlines() if l.startswith("polygraphy run"))
+    assert f"{b}/step_9.onnx" in line
+    ok = subprocess.run(line.split(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    ref_path = out / "polygraphy" / "step_9_reference.json"
+    res = RunResults.load(str(ref_path))
+    it = res[0][1][0]
+    it["kv_out"] = it["kv_out"] * np.float32(1.001) + np.float32(1e-3)
+    res.save(str(ref_path))
+    bad = subprocess.run(line.split(), capture_output=True, text=True)
+    assert bad.returncode != 0 and "kv_out" in bad.stdout + bad.stderr
+    # bad input: exit 2, one line, nothing written
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    r = run("validate", "--bundle", b, "--ckpt", actvar_ckpt, "--report", tmp_path / "taken")
+    assert_one_line_error(r, "--report", code=2)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    r = run("validate", "--bundle", b, "--ckpt", actvar_ckpt, "--classes", "1,2,3")
+    assert_one_line_error(r, "--classes", code=2)
+
+
+def test_sampled_id_near_edge_explained_only_within_the_logit_difference():
+    """The bundle's logits differ from the reference's by d (ids up to j down, the rest up: the worst case
+    for the edge between j and j+1), so its sampler picks j+1 where the reference picks j. With u at half
+    the mass d can move that edge the flip is explained; with u 10x that far it fails, naming scale and output."""
+    import math
+    from actvar_export.sampling import sample_noise
+    from actvar_export.validation.rules import cdf_edges, check_ids
+    tol = Tolerances("fp16", 128, 2)
+    ref = torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    j, d = 7, 0.01
+    c = cdf_edges(ref, 0, 0.0)[1][0, 0, j].item()                    # upper edge of id j's interval
+    move = c * (1 - c) * math.expm1(2 * d)
+    got_logits = (ref + torch.where(torch.arange(16) <= j, -d, d)).float().numpy()
+    for factor, ok in ((0.5, True), (10.0, False)):
+        u = np.array([[c - factor * move]], np.float32)
+        assert sample_noise(ref.float(), torch.from_numpy(u), 0, 0.0).item() == j
+        got_idx = np.array([[j + 1]])
+        fa, fb = check_ids(4, got_idx, got_logits, ref.numpy(), u, 0, 0.0, tol)
+        assert fb.differing == 1
+        assert (fb.failures == []) is ok, (factor, fb.failures)
+        if ok:        # the flip is the bundle's own sampler on its own logits
+            assert fa.differing == 0
+        else:
+            assert fb.failures[0].startswith("scale 4 idx:")
