@@ -227,7 +227,7 @@ section_validate_gpu() {
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 -m actvar_export init-ckpt --depth 16 --out "$w/d16.pt" || return 1
     for low in portable plugin; do
-        python3 -m actvar_export build --ckpt "$w/d16.pt" --out "$w/b_$low" --batch 4 --precision fp16 --lowering $low --force || { rc=1; continue; }
+        python3 -m actvar_export build --ckpt "$w/d16.pt" --out "$w/b_$low" --batch "${VALIDATE_BATCH:-4}" --precision fp16 --lowering $low --force || { rc=1; continue; }
         python3 -m actvar_export validate --bundle "$w/b_$low" --ckpt "$w/d16.pt" --providers cuda,cpu \
             --report "$w/report_$low" 2>&1 | tee "$OUT/validate_d16_fp16_$low.log" | tail -20
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
