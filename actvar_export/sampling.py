@@ -54,29 +54,12 @@ def multinomial(filtered_BlV: torch.Tensor, rng: Optional[torch.Generator]) -> t
     return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, l)
 
 
-CUMSUM_BLOCK = 64   # = export.step.CUMSUM_BLOCK
-
-
-def cumsum_fp32(w: np.ndarray) -> np.ndarray:
-    """Inclusive fp32 cumulative sum over the last axis in the exported graphs' order: within blocks of 64
-    one after the other, then each block's sum of all earlier blocks (summed one after the other) added once."""
-    w = np.asarray(w, np.float32)
-    V = w.shape[-1]
-    if V % CUMSUM_BLOCK:
-        return np.cumsum(w, axis=-1, dtype=np.float32)
-    inner = np.cumsum(w.reshape(*w.shape[:-1], V // CUMSUM_BLOCK, CUMSUM_BLOCK), axis=-1, dtype=np.float32)
-    tot = inner[..., -1]
-    before = np.zeros_like(tot)
-    before[..., 1:] = np.cumsum(tot[..., :-1], axis=-1, dtype=np.float32)
-    return (inner + before[..., None]).reshape(w.shape)
-
-
 def inverse_cdf(weights_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
     """First id (vocabulary order) whose cumulative weight exceeds u·total (weights need not sum to 1).
-    fp32 weights are summed in fp32 in the exported graphs' order (`cumsum_fp32`; torch's CPU cumsum
-    accumulates in fp64, which moves u·total across a boundary once in ~10^4 rows)."""
+    fp32 weights are summed in fp32, one after the other in vocabulary order, as the exported graphs
+    do (torch's CPU cumsum accumulates in fp64, which moves u·total across a boundary once in ~10^4 rows)."""
     if weights_BlV.dtype == torch.float32:
-        cdf = torch.from_numpy(cumsum_fp32(weights_BlV.cpu().numpy())).to(weights_BlV.device)
+        cdf = torch.from_numpy(np.cumsum(weights_BlV.cpu().numpy(), axis=-1, dtype=np.float32)).to(weights_BlV.device)
     else:
         cdf = weights_BlV.cumsum(dim=-1)
     thresh = u_Bl.to(cdf.dtype).unsqueeze(-1) * cdf[..., -1:]

@@ -320,22 +320,6 @@ class StepBuilder:
         return g.op("Concat", [x, x], axis=0)
 
 
-CUMSUM_BLOCK = 64
-
-
-def cumsum_vocab(g: Graph, x: str, V: int) -> str:
-    """Inclusive cumulative sum over the last axis (V) of a rank-3 (B, l, V) tensor, in two levels: within
-    blocks of CUMSUM_BLOCK, then the blocks' exclusive prefix added (one fp32 addition). ONNX Runtime's CUDA
-    CumSum sums each element's whole prefix (O(V²) per row; the largest kernel of the d16 batch-16 profile on
-    the H100); the two levels do O(V·64). `sampling.cumsum_fp32` is the same order of fp32 additions."""
-    if V % CUMSUM_BLOCK:
-        return g.op("CumSum", [x, g.i64(-1)])
-    inner = g.op("CumSum", [g.op("Reshape", [x, g.i64(0, 0, V // CUMSUM_BLOCK, CUMSUM_BLOCK)]), g.i64(-1)])
-    tot = g.slice(inner, [CUMSUM_BLOCK - 1], [CUMSUM_BLOCK], [3])                         # (B, l, nb, 1)
-    before = g.op("CumSum", [tot, g.i64(2)], exclusive=1)
-    return g.op("Reshape", [g.op("Add", [inner, before]), g.i64(0, 0, V)])
-
-
 def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
     """The `noise` sampler of design §3 on logits lc (..., V): top-k keeps every logit >= the k-th
     largest (a tie group at the cut survives whole, so more than k may survive); top-p walks the survivors
@@ -343,8 +327,9 @@ def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
     the inverse CDF in vocabulary order. A static TopK returns k values: the n_x survivors beyond them all
     equal the k-th value, so they enter the normaliser and the tail sums analytically (j·p_k for the j-th
     from the end), and the kept set is "logit > last kept value, plus the first m ids equal to it".
-    lc is (B, l, V); the vocabulary sums run in `cumsum_vocab`'s order."""
-    cumsum = lambda x: cumsum_vocab(g, x, V)  # noqa: E731
+    The vocabulary sums are one CumSum each: fp32 additions one id after the other, the order of design §3
+    that `sampling.inverse_cdf` reproduces (ONNX Runtime's CUDA CumSum costs O(V²) per row this way)."""
+    cumsum = lambda x: g.op("CumSum", [x, g.i64(-1)])  # noqa: E731
     vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)     # (..., k) desc
     mx, kth = g.slice(vals, [0], [1], [-1]), g.slice(vals, [k - 1], [k], [-1])
     survive = g.op("GreaterOrEqual", [lc, kth])                                          # (..., V)
