@@ -77,7 +77,7 @@ def bench_bundle(bundle_dir, ckpt: Optional[Path] = None, iters: int = 10, warmu
     from . import __version__
     from .bundle import Bundle
     from .runtime.loop import run_bundle
-    from .runtime.ort_runtime import Runtime, default_device, profile_summary
+    from .runtime.ort_runtime import Runtime, default_device
     from .sampling import noise_for
 
     if iters < 1 or warmup < 0:

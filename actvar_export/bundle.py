@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, cache_len_after
 from .errors import ActVarError, BundleError
-from .fsutil import default_mode, os_error_in, remove_stale, temp_prefix, write_error
+from .fsutil import default_mode, os_error_in, remove_stale, replace_dir, temp_prefix, write_error
 
 MANIFEST = "manifest.json"
 DIGESTS = "manifest.sha256.json"    # sha256 of each manifest field: an edited manifest names the field
@@ -144,18 +144,8 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             "weights_bytes": store.total_bytes,
         }
         write_manifest(tmp, manifest)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)         # the old bundle stays in place
-                raise
-            tmp = old                   # removed below, like a failed build's directory
-        else:
-            tmp.rename(out)
-            tmp = None
+        replace_dir(tmp, out)           # an old bundle stays in place if the new one cannot be renamed
+        tmp = None
     except BaseException as e:
         ose = os_error_in(e)
         if ose is not None and not isinstance(e, ActVarError):

@@ -112,14 +112,19 @@ def write_json_atomic(out, obj) -> Path:
 
 
 def replace_dir(tmp, out) -> Path:
-    """Move a completed temporary directory `tmp` to `out`, replacing an existing `out` only after the
-    new one is in place (the caller decided it may be replaced)."""
+    """Move a completed temporary directory `tmp` to `out`. An existing `out` (the caller decided it may be
+    replaced) is moved aside first and removed only once the new one is in place; if the rename fails, it is
+    put back."""
     tmp, out = Path(tmp), Path(out)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
+    if not out.exists():
         tmp.rename(out)
-        shutil.rmtree(old)
-    else:
+        return out
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
         tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
