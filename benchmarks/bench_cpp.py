@@ -36,8 +36,7 @@ def main():
     from actvar_export.checkpoint import save_atomic
     from actvar_export.fsutil import write_json_atomic
     from actvar_export.init import init_checkpoint
-    from actvar_export.runtime.loop import run_bundle_device
-    from actvar_export.runtime.ort_backend import OrtBackend
+    from actvar_export.runtime.ort_runtime import Runtime
     from actvar_export.sampling import noise_for
 
     work = Path(a.workdir)
@@ -50,13 +49,14 @@ def main():
         bpath = build_bundle(ck, work / f"bundle_d{a.depth}_{a.precision}_{a.lowering}_b{B}", batch=B,
                              precision=a.precision, lowering=a.lowering, force=True, show_progress=False)
         labels = [(37 * i) % 1000 for i in range(B)]
-        backend = OrtBackend(Bundle.open(bpath), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        backend = Runtime(Bundle.open(bpath), "cuda")                 # the Python runtime (CUDA graphs, bound buffers)
         lab, u = np.array(labels, np.int64), noise_for(B, a.seed, 680).numpy()
-        _, ids = run_bundle_device(backend, lab, u, 1.5, 0.96)     # warm-up, and the Python runtime's ids
+        for _ in range(2):                                             # warm-up (graph capture), and its ids
+            _, ids = backend.generate(lab, u, 1.5, 0.96)
         times = []
         for _ in range(a.iters):
             t = time.perf_counter()
-            run_bundle_device(backend, lab, u, 1.5, 0.96)
+            backend.generate(lab, u, 1.5, 0.96)
             times.append(time.perf_counter() - t)
         py_ips = B / float(np.median(times))
         del backend

@@ -24,7 +24,7 @@ from actvar_export.bundle import Bundle, build_bundle
 from actvar_export.cli import main
 from actvar_export.images import to_uint8
 from actvar_export.runtime.loop import run_bundle
-from actvar_export.runtime.ort_backend import OrtBackend
+from actvar_export.runtime.ort_runtime import Runtime
 from actvar_export.sampling import noise_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def test_cpp_images_identical_to_python(build_dir, bundle, actvar_ckpt, tmp_path
         one = build_bundle(actvar_ckpt, tmp_path / "b1", batch=1, precision="fp32", lowering="portable",
                            show_progress=False)
         u = noise_for(1, 11, 680, first_image=2).numpy()
-        img, _, _, _ = run_bundle(OrtBackend(Bundle.open(one), ["CPUExecutionProvider"]), np.array([999]), u, 1.5, 0.96)
+        img, _, _, _ = run_bundle(Runtime(Bundle.open(one), "cpu"), np.array([999]), u, 1.5, 0.96)
         assert np.array_equal(to_uint8(torch.from_numpy(img))[0], cpp[2])
     # a different seed gives different images (the seed reaches the noise)
     r = actvar_run(build_dir, "--bundle", bundle, "--classes", "1", "--seed", 12, "--out", tmp_path / "g2.png",
