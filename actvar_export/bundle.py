@@ -65,7 +65,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     from tqdm import tqdm
     from .checkpoint import load_checkpoint
     from .export.decoder import build_decoder
-    from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES
+    from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES, decoder_precision
     from .export.step import LOWERINGS, TARGETS, attention_kind, build_step, gelu_kind, io_shapes
     from .export.weights import WEIGHTS_FILE, WeightStore
     from . import options
@@ -135,7 +135,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
                               "k_w": act.k_w if (act and act.is_active(si)) else None,
                               "cache_in": cache_len_after(act, si - 1) if si else 0,
                               "cache_out": cache_len_after(act, si)} for si in range(NUM_SCALES)],
-            "batch": batch, "precision": precision, "lowering": lowering, "top_k": top_k,
+            "batch": batch, "precision": precision, "decoder_precision": decoder_precision(precision), "lowering": lowering, "top_k": top_k,
             "target": target, "attention": attention_kind(target, precision), "gelu": gelu_kind(target),
             "sampler": "noise", "opset": OPSET, "ir_version": IR_VERSION,
             "graphs": graphs, "files": files, "checkpoint": ck_hash,

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from ..vqvae import CH, CH_MULT, NUM_RES_BLOCKS
-from .graph import F32, Graph
+from .graph import F32, Graph, decoder_precision
 
 
 class DecoderBuilder:
     def __init__(self, batch: int, store, precision: str):
         self.B = batch
-        self.g = Graph("vqvae_decoder", store, precision)
+        self.g = Graph("vqvae_decoder", store, decoder_precision(precision))
 
     def conv(self, x_f32, key, k=3):
         g = self.g

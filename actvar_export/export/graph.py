@@ -16,6 +16,12 @@ IR_VERSION = 10
 CUSTOM_DOMAIN = "actvar"
 
 
+def decoder_precision(precision: str) -> str:
+    """The precision of the VQVAE decoder graph (its weights and its Conv/MatMul arithmetic): the bundle's,
+    except fp32 for bf16 bundles, because Conv has no bfloat16 type before opset 22."""
+    return "fp32" if precision == "bf16" else precision
+
+
 class Graph:
     """Nodes, inputs, outputs and initializers of one graph. Weights are referenced by their
     state-dict key through `store` and become external-data initializers of the shared file."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from .graph import BF16, F16, F32, PRECISION_TYPES
+from .graph import BF16, F16, F32, PRECISION_TYPES, decoder_precision
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096
@@ -20,6 +20,8 @@ _SIZE = {F32: 4, F16: 2, BF16: 2}
 # and the VQVAE pieces of the sampler path (codebook, Phi), which the reference runs in fp32 too
 _FP32_KEYS = ("class_emb.weight", "pos_start", "pos_1LC", "lvl_embed.weight")
 _FP32_PARTS = ("scale_mul_1H11", "vae.quantize.")
+# the decoder graph's weights, stored in its precision (graph.decoder_precision)
+_DECODER_PARTS = ("vae.decoder.", "vae.post_quant_conv.")
 
 
 def _wanted(var_keys: Iterable[str], vae_keys: Iterable[str]):
@@ -36,6 +38,7 @@ class WeightStore:
 
     def __init__(self, var_sd: Dict[str, torch.Tensor], vae_sd: Dict[str, torch.Tensor], precision: str):
         self.P = PRECISION_TYPES[precision]
+        self.P_decoder = PRECISION_TYPES[decoder_precision(precision)]
         self.src = dict(var_sd)
         self.src.update({"vae." + k: v for k, v in vae_sd.items()})
         self.layout: Dict[str, Tuple[int, int, int, tuple]] = {}  # key -> (dtype, offset, nbytes, shape)
@@ -51,7 +54,7 @@ class WeightStore:
     def dtype(self, key: str) -> int:
         if key in _FP32_KEYS or any(p in key for p in _FP32_PARTS):
             return F32
-        return self.P
+        return self.P_decoder if key.startswith(_DECODER_PARTS) else self.P
 
     def tensor_proto(self, key: str) -> TensorProto:
         if key not in self.layout:
