@@ -102,7 +102,7 @@ def _check_target(out: Path, force: bool) -> None:
 
 def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
                      force: bool = False) -> Path:
-    from ..bundle import MANIFEST, Bundle, sha256_file
+    from ..bundle import DIGESTS, MANIFEST, Bundle, sha256_file
     from ..fsutil import replace_dir
     out = Path(out)
     if backend not in BACKENDS:
@@ -122,6 +122,7 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
         for name in m["files"]:
             files[f"{ACTVAR}/1/bundle/{name}"] = b.path / name
         files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
+        files[f"{ACTVAR}/1/bundle/{DIGESTS}"] = b.path / DIGESTS    # Bundle.open checks the manifest against it
         configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess")
     else:
         if m["precision"] == "bf16":
