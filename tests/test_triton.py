@@ -236,7 +236,9 @@ def test_onnxruntime_repository(bundle, tmp_path):
         assert {i.name: list(i.dims) for i in c.input} == {k: s for k, (_, s) in gi["inputs"].items()}
         assert {o.name for o in c.output} == set(gi["outputs"])
         assert (repo / name / "1" / "model.onnx").is_file() and (repo / name / "1" / "weights.bin").is_file()
+        assert not c.HasField("model_operations")    # a portable bundle needs no custom-op library
     _readme_paths_exist(repo)
+    assert not (repo / "plugins").exists()
 
 
 def test_repository_refusals(bundle, tmp_path):
@@ -258,7 +260,57 @@ def test_repository_refusals(bundle, tmp_path):
     assert not (repo / "stale").exists() and (repo / "actvar" / "config.pbtxt").is_file()
 
 
-def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, tmp_path):
+def _custom_nodes(onnx_path):
+    import onnx
+    return [n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.domain == "actvar"]
+
+
+def test_onnxruntime_repository_of_plugin_bundle(actvar_ckpt, plugin_build, tmp_path, monkeypatch):
+    """A plugin bundle's onnxruntime repository: libactvar_ort_ops.so copied into plugins/ and named by absolute
+    path in model_operations of exactly the models whose graphs hold `actvar` nodes. ONNX Runtime, given that
+    library, resolves the graphs' custom nodes (they then fail only at kernel lookup: the kernels are CUDA's)."""
+    pytest.importorskip("tritonclient.grpc")
+    import filecmp
+    import onnxruntime as ort
+    from actvar_export.bundle import build_bundle
+    from actvar_export.serving.repository import write_repository
+    if plugin_build["ort_ops"] is None:
+        pytest.skip("no ONNX Runtime C API headers: libactvar_ort_ops.so not built")
+    b = build_bundle(actvar_ckpt, tmp_path / "bp", batch=1, precision="fp16", lowering="plugin", show_progress=False)
+    monkeypatch.setenv("ACTVAR_ORT_OPS_LIB", str(tmp_path / "nowhere" / "libactvar_ort_ops.so"))
+    with pytest.raises(ActVarError, match=r"libactvar_ort_ops\.so \(not found at .*nowhere.*cmake --build"):
+        write_repository(b, tmp_path / "ort", backend="onnxruntime")
+    assert not (tmp_path / "ort").exists()
+    monkeypatch.setenv("ACTVAR_ORT_OPS_LIB", str(plugin_build["ort_ops"]))
+    r = cli("triton", "--bundle", b, "--out", tmp_path / "ort", "--backend", "onnxruntime")
+    assert "wrote" in r.stdout
+    repo = (tmp_path / "ort").resolve()
+    lib = repo / "plugins" / "libactvar_ort_ops.so"
+    assert filecmp.cmp(lib, plugin_build["ort_ops"], shallow=False)
+    cfgs = _parse_configs(repo)
+    assert set(cfgs) == {"actvar", "decoder"} | {f"step_{i}" for i in range(10)}
+    steps = {f"step_{i}" for i in range(10)}
+    holding = {n for n in cfgs if n != "actvar" and _custom_nodes(repo / n / "1" / "model.onnx")}
+    assert holding and holding <= steps      # the selector's scales; every step model gets the library
+    for name, c in cfgs.items():
+        assert list(c.model_operations.op_library_filename) == ([str(lib)] if name in steps else []), name
+    text = (repo / "README.md").read_text()
+    assert '-v "$REPO":"$REPO"' in text and "--model-repository=$REPO" in text and "/models" not in text
+    _readme_paths_exist(repo)
+    graph = str(repo / "step_9" / "1" / "model.onnx")
+    assert {"ActVarTokenScatter", "ActVarExpertFFN"} <= set(_custom_nodes(graph))
+    with pytest.raises(Exception, match=r"actvar:ActVar\w+.* is not a registered function/op"):
+        ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(cfgs["step_9"].model_operations.op_library_filename[0])
+    with pytest.raises(Exception, match=r"(Could not find an implementation|Failed to find kernel) for (actvar\.)?ActVar"):
+        ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+
+def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, plugin_build, tmp_path, monkeypatch):
+    """The tensorrt repository's server commands pass the self-registering plugin library (copied into plugins/);
+    where only the loadLibrary variant sits beside the library that built the engines, the README says what to build
+    and no command names a plugin library."""
     pytest.importorskip("tritonclient.grpc")
     try:
         import tensorrt_rtx  # noqa: F401
@@ -267,25 +319,45 @@ def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, tmp_path):
             import tensorrt  # noqa: F401
         except ImportError:
             pytest.skip("neither tensorrt nor tensorrt_rtx imports here")
+    if plugin_build["trt"] is None or plugin_build["trt_registered"] is None:
+        pytest.skip("TensorRT headers or library missing: the TensorRT plugin libraries were not built")
+    import filecmp
+    import shutil
     from tritonclient.grpc import model_config_pb2
     from actvar_export.bundle import build_bundle
-    from actvar_export.serving.repository import write_repository
-    b = build_bundle(actvar_ckpt, tmp_path / "bp", batch=1, precision="fp16", lowering="plugin", show_progress=False)
-    with pytest.raises(ActVarError, match="needs a portable bundle"):
-        write_repository(b, tmp_path / "ort", backend="onnxruntime")
+    b = build_bundle(actvar_ckpt, tmp_path / "bp", batch=1, precision="fp16", lowering="plugin", target="tensorrt",
+                     show_progress=False)
+    libdir = tmp_path / "lib"    # the loadLibrary variant alone, as a build without -DTensorRT_LIBRARY leaves it
+    libdir.mkdir()
+    shutil.copy2(plugin_build["trt"], libdir / "libactvar_trt_plugins.so")
+    monkeypatch.setenv("ACTVAR_TRT_PLUGIN_LIB", str(libdir / "libactvar_trt_plugins.so"))
     cli("engines", "--bundle", b)
-    r = cli("triton", "--bundle", b, "--out", tmp_path / "trt", "--backend", "tensorrt")
     repo = tmp_path / "trt"
+    cli("triton", "--bundle", b, "--out", repo, "--backend", "tensorrt")
+    text = (repo / "README.md").read_text()
+    assert "--backend-config" not in text and not (repo / "plugins").exists()
+    note = [l for l in text.splitlines() if "libactvar_trt_plugins_registered.so" in l]
+    assert len(note) == 1 and "-DTensorRT_LIBRARY=" in note[0] and "--target actvar_trt_plugins_registered" in note[0]
+    _readme_paths_exist(repo)
+
+    shutil.copy2(plugin_build["trt_registered"], libdir / "libactvar_trt_plugins_registered.so")
+    r = cli("triton", "--bundle", b, "--out", repo, "--backend", "tensorrt", "--force")
+    assert "wrote" in r.stdout
+    lib = repo / "plugins" / "libactvar_trt_plugins_registered.so"
+    assert filecmp.cmp(lib, plugin_build["trt_registered"], shallow=False)
+    text = (repo / "README.md").read_text()
+    flags = re.findall(r"--backend-config=tensorrt,plugins=([^\s`]+)", text)
+    assert flags == ["$REPO/plugins/libactvar_trt_plugins_registered.so", "/models/plugins/libactvar_trt_plugins_registered.so\""]
+    assert "libactvar_plugins.so" not in text and "## Notes" not in text
+    assert "plugins/libactvar_trt_plugins_registered.so" in _readme_paths_exist(repo)
     cfgs = _parse_configs(repo)
     assert len(cfgs) == 12
     for name, c in cfgs.items():
         if name != "actvar":
-            assert c.platform == "tensorrt_plan"
+            assert c.platform == "tensorrt_plan" and not c.HasField("model_operations")
             assert (repo / name / "1" / "model.plan").stat().st_size > 0
             gi = json.loads((b / "manifest.json").read_text())["graphs"][name]
             want = {k: {"P": "TYPE_FP16", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}[t]
                     for k, (t, _) in {**gi["inputs"], **gi["outputs"]}.items()}
             got = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in list(c.input) + list(c.output)}
             assert got == want, name   # the fp16 bundle's packed KV cache is FP16, the rest as exported
-    _readme_paths_exist(repo)
-    assert "wrote" in r.stdout

@@ -17,7 +17,7 @@ from ..errors import ActVarError
 CUDA_PROVIDER = "CUDAExecutionProvider"
 LIB_NAME = "libactvar_ort_ops.so"
 ENV_VAR = "ACTVAR_ORT_OPS_LIB"
-_BUILD_HINT = ("build it with `cmake -S plugins -B build/plugins -DONNXRUNTIME_INCLUDE_DIR=<onnxruntime include dir> && "
+BUILD_HINT = ("build it with `cmake -S plugins -B build/plugins -DONNXRUNTIME_INCLUDE_DIR=<onnxruntime include dir> && "
                f"cmake --build build/plugins` or set {ENV_VAR}")
 # cudaGetDeviceCount's errors where no GPU can be used
 _CUDA_ERRORS = {35: "no CUDA driver (cudaErrorInsufficientDriver)", 100: "no CUDA device (cudaErrorNoDevice)"}
@@ -48,7 +48,7 @@ def cuda_ops_library(available_providers: Sequence[str]) -> Path:
     path = library_path()
     missing = []
     if not path.is_file():
-        missing.append(f"{LIB_NAME} (not found at {path}; {_BUILD_HINT})")
+        missing.append(f"{LIB_NAME} (not found at {path}; {BUILD_HINT})")
     if CUDA_PROVIDER not in available_providers:
         missing.append(f"ONNX Runtime's {CUDA_PROVIDER} (this onnxruntime offers {', '.join(available_providers)}; "
                        "install onnxruntime-gpu)")

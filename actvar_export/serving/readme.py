@@ -8,11 +8,17 @@ SERVER_FLAGS = ("--allow-metrics=false --disable-auto-complete-config --exit-on-
                 "--strict-readiness=true --exit-timeout-secs=5")
 
 
-def repository_readme(backend: str, manifest: dict, models: List[str], plugin_lib: bool, notes: List[str],
+def repository_readme(backend: str, manifest: dict, models: List[str], plugin_lib: str, notes: List[str],
                       repo: str, src: Optional[str]) -> str:
+    """plugin_lib: the repository path of the native plugin library ("" when none): passed on the command lines
+    (tensorrt) or named by absolute path in the configs (onnxruntime: the container mounts the repository at
+    the same path)."""
     m = manifest
-    plugins = " --backend-config=tensorrt,plugins=/models/plugins/libactvar_plugins.so" if plugin_lib else ""
-    pip_plugins = " --backend-config=tensorrt,plugins=$REPO/plugins/libactvar_plugins.so" if plugin_lib else ""
+    trt_lib = plugin_lib if backend == "tensorrt" else ""
+    ort_lib = plugin_lib if backend == "onnxruntime" else ""
+    mount = "$REPO" if ort_lib else "/models"     # (the host's shell expands $REPO, also inside bash -c "...")
+    plugins = f" --backend-config=tensorrt,plugins=/models/{trt_lib}" if trt_lib else ""
+    pip_plugins = f" --backend-config=tensorrt,plugins=$REPO/{trt_lib}" if trt_lib else ""
     lines = [
         "# ActVAR model repository for Triton Inference Server",
         "",
@@ -27,7 +33,7 @@ def repository_readme(backend: str, manifest: dict, models: List[str], plugin_li
         "",
         "Files: `$REPO/actvar/config.pbtxt`, `$REPO/actvar/1/model.py`, `$REPO/actvar/1/bundle/manifest.json`"
         + (", `$REPO/step_0/config.pbtxt` ... `$REPO/decoder/config.pbtxt`" if backend != "python" else "")
-        + (", `$REPO/plugins/libactvar_plugins.so`" if plugin_lib else "") + ".",
+        + (f", `$REPO/{plugin_lib}`" if plugin_lib else "") + ".",
         "",
         "The commands below use two variables:",
         "",
@@ -51,9 +57,9 @@ def repository_readme(backend: str, manifest: dict, models: List[str], plugin_li
         "",
         "The Python models import the `actvar_export` package: install it (and numpy<2) in the container.",
         "",
-        f"    docker run --rm --gpus=all --shm-size=1g -p 8000:8000 -p 8001:8001 -v \"$REPO\":/models "
+        f"    docker run --rm --gpus=all --shm-size=1g -p 8000:8000 -p 8001:8001 -v \"$REPO\":\"{mount}\" "
         f"-v \"$SRC\":/src {TRITON_CONTAINER} bash -c \"pip install -q 'numpy<2' /src && "
-        f"tritonserver --model-repository=/models {SERVER_FLAGS}{plugins}\"",
+        f"tritonserver --model-repository={mount} {SERVER_FLAGS}{plugins}\"",
         "",
         "## A request",
         "",
@@ -65,10 +71,27 @@ def repository_readme(backend: str, manifest: dict, models: List[str], plugin_li
                   "Triton's TensorRT backend deserializes the plans with its own TensorRT: build the engines with the same",
                   "TensorRT release as the container (`$REPO/engines.json` records the module and version that built them;",
                   "engines from TensorRT-RTX do not load in Triton's `tensorrt_plan` backend).", ""]
-        if m["lowering"] == "plugin":
-            lines += ["The plans hold ActVarTokenScatter / ActVarExpertFFN plugin layers. Their creators are registered by",
-                      "`actvar_export.trt.plugins` (Python, over the kernels of libactvar_plugins.so); Triton's TensorRT",
-                      "backend loads creators only from a native library named by `--backend-config=tensorrt,plugins=`.", ""]
+        if trt_lib:
+            lines += ["The plans hold ActVarTokenScatter / ActVarExpertFFN plugin layers (IPluginV3). Triton's TensorRT backend",
+                      "only dlopen()s the libraries named by `--backend-config=tensorrt,plugins=`, so the commands above pass",
+                      f"`$REPO/{trt_lib}`, the variant that registers both creators when loaded. It is linked to",
+                      "the TensorRT library given to its build (`-DTensorRT_LIBRARY`): for a server, build it against that",
+                      "server's libnvinfer.so.10 (plugins/trt/README.md of actvar-export).", ""]
+    if ort_lib:
+        lines += ["## ONNX Runtime custom ops", "",
+                  "The step graphs hold ActVarTokenScatter / ActVarExpertFFN nodes of the `actvar` domain, whose CUDA kernels",
+                  f"`$REPO/{ort_lib}` registers. The step models' configs name it by absolute path,",
+                  f"`model_operations {{ op_library_filename: \"{repo}/{ort_lib}\" }}`: Triton's onnxruntime backend",
+                  "hands that name to ONNX Runtime (dlopen) unchanged, so a relative one would resolve against the server's",
+                  "working directory. The container therefore mounts the repository at the same path. To move the",
+                  "repository, write it again with `actvar-export triton --out NEW`, or rewrite the configs:",
+                  "",
+                  f"    sed -i 's#{repo}/{ort_lib}#'\"$NEW\"'/{ort_lib}#' \"$NEW\"/*/config.pbtxt",
+                  "",
+                  "The ops have CUDA kernels only: the step models need GPU instances (Triton places them on a GPU where",
+                  "one exists; without one they fail to load). The library asks ONNX Runtime for C API version 29, so the",
+                  "server's onnxruntime backend must be built on onnxruntime 1.29 or later (the container named above ships",
+                  "an older one: use a Triton release whose notes list onnxruntime >= 1.29).", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)

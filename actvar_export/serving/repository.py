@@ -5,6 +5,12 @@ backend `python`:      one `actvar` model (Python backend) running the bundle's 
 backend `onnxruntime`: step_0..step_9 + decoder as `onnxruntime_onnx` models, and `actvar` calling them (BLS).
 backend `tensorrt`:    the same as `tensorrt_plan` models over the bundle's engines (`actvar-export engines`).
 Bundle files are hard-linked into the repository where the file system allows it, else copied.
+
+`plugin` bundles carry their native plugin library in plugins/. onnxruntime: libactvar_ort_ops.so, named in
+every step model's config (`model_operations`; a step whose scale has no `actvar`-domain node only pays a dlopen)
+by the absolute path of its final place: Triton's onnxruntime backend hands the name to dlopen unchanged, so a
+relative one would resolve against the server's working directory. tensorrt: libactvar_trt_plugins_registered.so,
+which the repository README's server commands pass with `--backend-config=tensorrt,plugins=`.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from .generator import DEFAULT_CFG, DEFAULT_TOP_P
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 MARKER = ".actvar-repository.json"
 ACTVAR = "actvar"
+PLUGINS = "plugins"
 MAX_REQUESTS = 64   # requests (rows of Triton's batch dimension) one execution of `actvar` may take
 _TYPES = {"uint8": "TYPE_UINT8", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
           "bfloat16": "TYPE_BF16"}
@@ -68,9 +75,19 @@ def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str
                    [_tensor("images", "uint8", [-1, 256, 256, 3])], instances, extra, MAX_REQUESTS)
 
 
-def graph_config(name: str, gi: dict, precision: str, platform: str, instances: int) -> str:
+def graph_config(name: str, gi: dict, precision: str, platform: str, instances: int, op_library: str = "") -> str:
     io = lambda kind: [_tensor(n, _PRECISION[precision] if t == "P" else t, s) for n, (t, s) in gi[kind].items()]
-    return _config(name, f'platform: "{platform}"', io("inputs"), io("outputs"), instances)
+    extra = f"model_operations {{ op_library_filename: {json.dumps(op_library, ensure_ascii=False)} }}\n" if op_library else ""
+    return _config(name, f'platform: "{platform}"', io("inputs"), io("outputs"), instances, extra)
+
+
+def _ort_ops_library(bundle_path: Path) -> Path:
+    from ..runtime.custom_ops import BUILD_HINT, LIB_NAME, library_path
+    lib = library_path()
+    if not lib.is_file():
+        raise ActVarError(f"{bundle_path}: the onnxruntime models of a plugin bundle need the ONNX Runtime custom-op "
+                          f"library {LIB_NAME} (not found at {lib}): {BUILD_HINT}")
+    return lib
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -85,7 +102,7 @@ def _check_target(out: Path, force: bool) -> None:
 
 def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
                      force: bool = False) -> Path:
-    from ..bundle import MANIFEST, Bundle, sha256_file
+    from ..bundle import DIGESTS, MANIFEST, Bundle, sha256_file
     from ..fsutil import replace_dir
     out = Path(out)
     if backend not in BACKENDS:
@@ -100,10 +117,12 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
     files: Dict[str, Path] = {}          # repository path -> source file
     configs: Dict[str, str] = {}         # model name -> config.pbtxt
     notes: List[str] = []
+    plugin_lib = ""                      # repository path of the native plugin library, if any
     if backend == "python":
         for name in m["files"]:
             files[f"{ACTVAR}/1/bundle/{name}"] = b.path / name
         files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
+        files[f"{ACTVAR}/1/bundle/{DIGESTS}"] = b.path / DIGESTS    # Bundle.open checks the manifest against it
         configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess")
     else:
         if m["precision"] == "bf16":
@@ -112,14 +131,17 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
         files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
         configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "bls")
         if backend == "onnxruntime":
-            if m["lowering"] != "portable":
-                raise ActVarError(f"{b.path}: --backend onnxruntime needs a portable bundle: the plugin ops run in ONNX "
-                                  f"Runtime only as Python ops (onnxruntime-extensions), which Triton's onnxruntime "
-                                  f"backend cannot load (no native custom-op library exists for `model_operations`)")
+            ops_lib = ""
+            if m["lowering"] == "plugin":
+                from ..runtime.custom_ops import LIB_NAME
+                plugin_lib = f"{PLUGINS}/{LIB_NAME}"
+                files[plugin_lib] = _ort_ops_library(b.path)
+                ops_lib = str(out.resolve() / plugin_lib)
             for name, gi in m["graphs"].items():
                 files[f"{name}/1/model.onnx"] = b.path / gi["file"]
                 files[f"{name}/1/weights.bin"] = b.path / "weights.bin"
-                configs[name] = graph_config(name, gi, m["precision"], "onnxruntime_onnx", instances)
+                uses = ops_lib if name.startswith("step_") else ""   # the decoder has no custom nodes
+                configs[name] = graph_config(name, gi, m["precision"], "onnxruntime_onnx", instances, uses)
         else:
             from ..trt.engines import ENGINES_JSON
             ej = b.path / ENGINES_JSON
@@ -132,13 +154,16 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
                 configs[name] = graph_config(name, gi, m["precision"], "tensorrt_plan", instances)
             files[ENGINES_JSON] = ej
             if m["lowering"] == "plugin":
-                from ..kernels import library_path
-                lib = library_path()
+                from ..trt.plugin_library import LIBRARY_NAME, REGISTERED_BUILD_HINT, REGISTERED_NAME, registered_library_path
+                built_with = ((json.loads(ej.read_text()).get("plugins") or {}).get("library") or {}).get("path")
+                lib = registered_library_path(built_with)
                 if lib.is_file():
-                    files["plugins/libactvar_plugins.so"] = lib
+                    plugin_lib = f"{PLUGINS}/{REGISTERED_NAME}"
+                    files[plugin_lib] = lib
                 else:
-                    notes.append(f"no plugin library was found ({lib}): build plugins/ (or set ACTVAR_PLUGIN_LIB) and "
-                                 f"write this repository again; its server commands then name the library")
+                    notes.append(f"no {REGISTERED_NAME} beside {built_with or LIBRARY_NAME} ({lib}): Triton's TensorRT "
+                                 f"backend only dlopen()s plugin libraries, so {LIBRARY_NAME} (loadLibrary) does not serve; "
+                                 f"build it with `{REGISTERED_BUILD_HINT}` and write this repository again")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -150,7 +175,7 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
         (tmp / ACTVAR / "1" / "model.py").write_text(SHIM)
         from .readme import repository_readme
         from .server import package_root
-        (tmp / "README.md").write_text(repository_readme(backend, m, sorted(configs), "plugins/libactvar_plugins.so" in files,
+        (tmp / "README.md").write_text(repository_readme(backend, m, sorted(configs), plugin_lib,
                                                          notes, str(out.resolve()), package_root()))
         (tmp / MARKER).write_text(json.dumps({"format": 1, "backend": backend, "bundle": str(b.path.resolve()),
                                               "manifest_sha256": sha256_file(b.path / MANIFEST),

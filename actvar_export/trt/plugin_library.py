@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..bundle import sha256_file
 from ..errors import ActVarError
@@ -23,10 +23,14 @@ PLUGIN_NAMES = (TOKEN_SCATTER, EXPERT_FFN)
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
 LIBRARY_NAME = "libactvar_trt_plugins.so"
+REGISTERED_NAME = "libactvar_trt_plugins_registered.so"   # the same plugins registering on dlopen (Triton, Polygraphy)
 ENV_VAR = "ACTVAR_TRT_PLUGIN_LIB"
 METADATA_PREFIX = LIBRARY_NAME + " "      # what the plugins' getMetadataString() starts with
 BUILD_HINT = ("cmake -S plugins -B build/plugins -DTensorRT_INCLUDE_DIR=<TensorRT include dir> && "
               "cmake --build build/plugins --target actvar_trt_plugins")
+REGISTERED_BUILD_HINT = ("cmake -S plugins -B build/plugins -DTensorRT_INCLUDE_DIR=<TensorRT include dir> "
+                         "-DTensorRT_LIBRARY=<the server's libnvinfer.so.10> && "
+                         "cmake --build build/plugins --target actvar_trt_plugins_registered")
 
 
 def library_path() -> Path:
@@ -37,6 +41,13 @@ def library_path() -> Path:
     root = Path(__file__).resolve().parents[2]
     cands = [root / "build" / "plugins" / "trt" / LIBRARY_NAME, Path.cwd() / "build" / "plugins" / "trt" / LIBRARY_NAME]
     return next((c for c in cands if c.is_file()), cands[0])
+
+
+def registered_library_path(beside: Optional[str] = None) -> Path:
+    """The self-registering variant: next to `beside` (the library that built a bundle's engines, engines.json)
+    when it is there, else next to library_path() (may not exist)."""
+    cands = ([Path(beside).with_name(REGISTERED_NAME)] if beside else []) + [library_path().with_name(REGISTERED_NAME)]
+    return next((c for c in cands if c.is_file()), cands[-1])
 
 
 def library_info() -> Dict[str, object]:
