@@ -7,7 +7,6 @@ import json
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Callable, Dict, Optional
 
 from .config import NUM_SCALES, PATCH_NUMS, SCALE_LENS, cache_len_after
 from .errors import ActVarError, BundleError
-from .fsutil import default_mode, os_error_in, remove_stale, replace_dir, temp_prefix, write_error
+from .fsutil import os_error_in, remove_stale, replace_dir, temp_dir, write_error
 
 MANIFEST = "manifest.json"
 DIGESTS = "manifest.sha256.json"    # sha256 of each manifest field: an edited manifest names the field
@@ -89,9 +88,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     spec = ck.spec
     tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent))
-        default_mode(tmp)
+        tmp = temp_dir(out)
         with tqdm(total=store.total_bytes, unit="B", unit_scale=True, desc="weights", disable=not show_progress,
                   file=sys.stderr) as bar:
             weights_sha = store.write(tmp / WEIGHTS_FILE, progress=bar.update)

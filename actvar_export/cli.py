@@ -420,7 +420,7 @@ def engines(bundle, graphs):
 
 @main.command()
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
-@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Its checkpoint: adds the eager PyTorch reference (autocast = the bundle's precision) and the ratios.")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None, help="Its checkpoint: adds the eager PyTorch reference (autocast = the bundle's precision) and the ratios  [default: none]")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs of each side.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed runs first (CUDA graphs are captured here).")
 @click.option("--providers", default=None, help="cuda or cpu  [default: CUDA where ONNX Runtime and torch see one, else CPU]")
@@ -453,15 +453,20 @@ def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check
 
 @main.command()
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="A bundle from `build`.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model repository to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python", show_default=True,
               help="python: graphs in-process in the `actvar` model; onnxruntime / tensorrt: step and decoder models it calls.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model (instance_group count).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True, help="Dynamic batcher's wait for more requests.")
-@click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier.")
+@click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier  [default: off]")
 def triton(bundle, out, backend, instances, max_queue_delay_us, force):
     """Write a Triton Inference Server model repository for a bundle (config.pbtxt files, models, README
-    with the server command lines), into a temporary directory renamed when complete."""
+    with the server command lines), into a temporary directory renamed when complete.
+
+    \b
+    Example:
+      actvar-export triton --bundle demo/bundle --out demo/repo --instances 2
+    """
     from .serving.repository import write_repository
     p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force)
     click.echo(f"wrote {p}: Triton model repository ({backend}); see {p / 'README.md'}")
@@ -469,26 +474,36 @@ def triton(bundle, out, backend, instances, max_queue_delay_us, force):
 
 @main.command()
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="A model repository from `triton`.")
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Loopback HTTP port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Loopback gRPC port.")
 def serve(repo, http_port, grpc_port):
     """Start tritonserver on a model repository (loopback), wait until it is ready, print the endpoints;
-    Ctrl-C or SIGTERM stops it."""
+    Ctrl-C or SIGTERM stops it.
+
+    \b
+    Example:
+      actvar-export serve --repo demo/repo --http-port 8000 --grpc-port 8001
+    """
     from .serving.server import serve as run
     sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True)))
 
 
 @main.command()
 @click.option("--url", required=True, help="Server address, e.g. 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC).")
-@click.option("--classes", required=True, help="ImageNet class ids, comma separated.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cfg", type=float, default=None, help="Guidance strength (default: the model's).")
-@click.option("--top-p", type=float, default=None, help="Top-p (default: the model's).")
-@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("grid.png"), show_default=True)
-@click.option("--raw", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the uint8 images as .npy.")
+@click.option("--classes", required=True, help="ImageNet class ids (0..999), comma separated.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the request's canonical uniforms u.")
+@click.option("--cfg", type=float, default=None, help="Guidance strength  [default: the model's, 1.5]")
+@click.option("--top-p", type=float, default=None, help="Top-p in [0, 1]  [default: the model's, 0.96]")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True, help="Triton's HTTP or gRPC endpoint.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
+@click.option("--raw", type=click.Path(path_type=Path), default=None, help="Also write the uint8 images (N, 256, 256, 3) as .npy  [default: none]")
 def request(url, classes, seed, cfg, top_p, protocol, out, raw):
-    """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw)."""
+    """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw).
+
+    \b
+    Example:
+      actvar-export request --url 127.0.0.1:8000 --classes 1,2,3 --seed 0 --out grid.png --raw images.npy
+    """
     from .images import save_grid, save_raw
     from .serving.client import request_images
     from .serving.generator import DEFAULT_CFG, DEFAULT_TOP_P, check_job

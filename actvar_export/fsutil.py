@@ -111,6 +111,17 @@ def write_json_atomic(out, obj) -> Path:
     return atomic_write(out, write)
 
 
+def temp_dir(out) -> Path:
+    """A new temporary directory beside `out` (`.NAME.PID.XXXX.tmp`, a plain mkdir's permissions) to be
+    renamed to `out` with `replace_dir`; stale ones of dead writers are removed first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent))
+    default_mode(tmp)
+    return tmp
+
+
 def replace_dir(tmp, out) -> Path:
     """Move a completed temporary directory `tmp` to `out`. An existing `out` (the caller decided it may be
     replaced) is moved aside first and removed only once the new one is in place; if the rename fails, it is

@@ -25,7 +25,10 @@ def save_raw(images, out: Path) -> Path:
     """The images as one uint8 (B, H, W, 3) .npy (what `actvar-run --raw` and `request --raw` write), atomically.
     `images` are floats in [0, 1] (B, 3, H, W) or already uint8 (B, H, W, 3)."""
     imgs = np.ascontiguousarray(_uint8(images))
-    return atomic_write(out, lambda tmp: np.save(tmp, imgs), suffix=".npy")   # tmp ends in .npy: saved as named
+    def write(tmp):
+        with open(tmp, "wb") as f:             # a file object: np.save adds no ".npy" to the temporary name
+            np.save(f, imgs)
+    return atomic_write(out, write)
 
 
 def save_grid(images, out: Path, labels: Optional[Sequence[str]] = None,
@@ -48,4 +51,4 @@ def save_grid(images, out: Path, labels: Optional[Sequence[str]] = None,
         canvas.paste(Image.fromarray(imgs[i]), (x, y))
         if labels:
             draw.text((x + 2, y + H + 2), str(labels[i]), fill="black")
-    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"), suffix=".png")
+    return atomic_write(out, lambda tmp: canvas.save(tmp, format="PNG"))

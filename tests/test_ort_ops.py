@@ -64,7 +64,7 @@ def test_cli_plugin_bundle_on_cuda_one_error_line(plugin_bundle, actvar_ckpt, mo
         pytest.skip("this onnxruntime has the CUDA provider")
     monkeypatch.setenv(custom_ops.ENV_VAR, str(tmp_path / "libactvar_ort_ops.so"))
     r = run("validate", "--bundle", plugin_bundle, "--ckpt", actvar_ckpt, "--providers", "cuda,cpu")
-    assert_one_line_error(r, "lacks CUDAExecutionProvider", "onnxruntime-gpu")
+    assert_one_line_error(r, "lacks CUDAExecutionProvider", "onnxruntime-gpu", code=2)   # validate: bad input is 2
     assert "teacher forcing" not in r.output
 
 

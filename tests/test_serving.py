@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from actvar_export.errors import ActVarError
+from actvar_export.runtime.loop import run_bundle
 from actvar_export.serving.generator import BundleGenerator, Job, check_job
-
 
 class RowBackend:
     """A backend whose decoder image row depends only on that row's label and uniforms (as the real graphs'
@@ -28,6 +28,10 @@ class RowBackend:
         f[:, 1] = u[:, :1, None]           # this row's own uniforms
         f[:, 2] = feed["cfg"][0] / 10 + feed["top_p"][0] / 10
         return {"idx": np.zeros(u.shape, np.int64), "f_hat_out": f, "x_next": lab, "kv_out": lab}
+
+    def generate(self, labels_B, u_BL, cfg, top_p, progress=None):   # the runtime's contract, over infer()
+        images, ids, _, _ = run_bundle(self, labels_B, u_BL, cfg, top_p, progress=progress)
+        return images, ids
 
 
 def test_packing_never_changes_a_jobs_images():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from actvar_export.bundle import Bundle, build_bundle, sha256_file
+from actvar_export.bundle import Bundle, build_bundle, sha256_file, write_manifest
 from actvar_export.checkpoint import build_models, load_checkpoint
 from actvar_export.config import TOTAL_TOKENS
 from actvar_export.generate import SampleSettings
@@ -135,7 +135,7 @@ MUTATIONS = [("tokens_inverted", 9, invert_token_selection, "sel_idx"),
 
 
 def mutant(src, dst, si, mutate):
-    """A copy of the bundle (weights.bin hard-linked) with step_si edited and its manifest digest rewritten."""
+    """A copy of the bundle (weights.bin hard-linked) with step_si edited and its manifest digests rewritten."""
     dst.mkdir()
     for p in src.iterdir():
         (os.link if p.name == "weights.bin" else shutil.copy)(p, dst / p.name)
@@ -145,7 +145,7 @@ def mutant(src, dst, si, mutate):
     onnx.save(m, str(f))
     man = json.loads((dst / "manifest.json").read_text())
     man["files"][f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-    (dst / "manifest.json").write_text(json.dumps(man))
+    write_manifest(dst, man)          # manifest.json and its field digests, as a deliberate edit would
     return Bundle.open(dst)
 
 
@@ -213,7 +213,9 @@ def test_cli_report_and_polygraphy_recheck(bundles, actvar_ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "errors.png", "grid.png", "polygraphy"}
     rep = json.loads((out / "report.json").read_text())
-    assert rep["passed"] and len(rep["scales"]) == 10 and rep["end_to_end"]["token_agreement"] >= 0.99
+    e2e = rep["end_to_end"]          # fp32: every id agrees, or the first differing scale is explained
+    assert rep["passed"] and len(rep["scales"]) == 10
+    assert e2e["token_agreement"] >= 0.99 or e2e["first_divergence"]["explained"]
     assert (out / "polygraphy" / "step_9_inputs.json").exists() and (out / "polygraphy" / "step_0_reference.json").exists()
     line = next(l.strip() for l in (out / "report.md").read_text().splitlines() if l.startswith("polygraphy run"))
     assert f"{b}/step_9.onnx" in line

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -103,7 +102,7 @@ def _check_target(out: Path, force: bool) -> None:
 def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
                      force: bool = False) -> Path:
     from ..bundle import DIGESTS, MANIFEST, Bundle, sha256_file
-    from ..fsutil import replace_dir
+    from ..fsutil import replace_dir, temp_dir
     out = Path(out)
     if backend not in BACKENDS:
         raise ActVarError(f"--backend: unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
@@ -164,8 +163,7 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
                     notes.append(f"no {REGISTERED_NAME} beside {built_with or LIBRARY_NAME} ({lib}): Triton's TensorRT "
                                  f"backend only dlopen()s plugin libraries, so {LIBRARY_NAME} (loadLibrary) does not serve; "
                                  f"build it with `{REGISTERED_BUILD_HINT}` and write this repository again")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out)
     try:
         for rel, src in files.items():
             _link(src, tmp / rel)

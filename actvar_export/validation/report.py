@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import List
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..fsutil import replace_dir, temp_dir
 
 from ..config import NUM_SCALES
 from ..errors import ActVarError
@@ -114,12 +114,8 @@ def write_report(out: Path, rep, bundle: Path, header: List[str]) -> Path:
     from polygraphy.json import save_json
     out = Path(out)
     check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out)
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)                  # mkdtemp makes 0700: give a plain mkdir's mode
         (tmp / "polygraphy").mkdir()
         for si, (feed, results) in rep.polygraphy.items():
             save_json([dict(feed)], str(tmp / "polygraphy" / f"step_{si}_inputs.json"))
@@ -133,13 +129,7 @@ def write_report(out: Path, rep, bundle: Path, header: List[str]) -> Path:
             e = rep.end_to_end
             grid_png(rep.images["reference"], rep.images["bundle"], tmp / "grid.png",
                      f"validate {rep.precision}: PSNR {e['psnr_db']:.1f} dB, token agreement {100 * e['token_agreement']:.2f}%")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
