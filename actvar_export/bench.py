@@ -179,7 +179,7 @@ def _bench_eager(torch, b, ckpt, labels, u, cfg, top_p, iters, warmup, device, t
     lat, scales = _timed(torch, cuda, run, iters, tick)
     out = _summary(lat, scales, b.batch)
     out["autocast"] = m["precision"]
-    if cuda:   # the measure, and (comparable with the runtime's) device memory in use after the runs
+    if cuda:   # the eager reference's measure, and (comparable with the runtime's) device memory in use after the runs
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
         out["device_bytes"] = _device_used(torch) - base
     del model, vae, lab_t, u_t

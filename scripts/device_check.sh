@@ -102,7 +102,7 @@ section_ort() {
     # The bundle runtime on ONNX Runtime's CUDA provider against the eager reference, in one process per
     # configuration (`bench`), after the exactness check. The onnxruntime-gpu wheel is carried in pieces
     # (.wheelparts, see ../shared/device/README.md) and joined under /tmp/parts by earlier runs.
-    #   ORT_CONFIGS  "depth:batch ..." fp16 bundles to bench (default: the acceptance set)
+    #   ORT_CONFIGS  "depth:batch ..." fp16 bundles to bench (default: d16 B1, B16; d30 B1, B16, B32)
     #   ORT_ITERS    timed runs per side (default 10); ORT_PROFILE=1 adds the kernel profile to each bench
     #   batch-1 runs also generate once without CUDA graphs / bound buffers and compare the ids (--check-ids)
     #   ORT_EXACT=0  skips the fp32 exactness check (d16 batch 1, TF32 off, teacher-forced per scale)

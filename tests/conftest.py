@@ -52,7 +52,7 @@ def _rtx_library():
 
 @pytest.fixture(scope="session")
 def plugin_build(tmp_path_factory):
-    """One CMake build of plugins/ per test session, shared by test_plugins_build and test_trt (the sm_90a GEMMs
+    """One CMake build of plugins/ per pytest run, shared by test_plugins_build and test_trt (the sm_90a GEMMs
     are slow to compile): libactvar_plugins.so, and with TensorRT's headers (ACTVAR_TRT_INCLUDE, else the shared
     SDK copy) libactvar_trt_plugins.so, actvar_trt_plugin_test and, with TensorRT-RTX's library,
     libactvar_trt_plugins_registered.so. Default architectures unless ACTVAR_PLUGIN_ARCHS (CMake syntax) is set.

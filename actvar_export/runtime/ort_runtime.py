@@ -104,7 +104,7 @@ class Runtime:
         self._plan = None
         _register_arena(ort, device, device_id)
 
-    # ---------------- weights and sessions ----------------
+    # ---------------- weights, sessions ----------------
     def _weights_buffer(self):
         """weights.bin, read once into one uint8 tensor on the device (in chunks: no second host copy)."""
         if self._weights is None:
