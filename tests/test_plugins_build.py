@@ -62,16 +62,21 @@ def test_library_loads_without_gpu(built_lib):
     assert f(0, 1024, 4096, 16, 12, 2) == 0
 
 
-def test_default_architectures_embedded(built_lib):
+def _assert_default_architectures(lib, sms, what):
+    """The default build embeds SASS for each of `sms` and PTX (skips for a custom list or without cuobjdump)."""
     if os.environ.get("ACTVAR_PLUGIN_ARCHS"):
         pytest.skip("custom architecture list")
     cuobjdump = shutil.which("cuobjdump")
     if cuobjdump is None:
         pytest.skip("cuobjdump not on PATH")
-    out = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(built_lib)], capture_output=True, text=True).stdout
-    for sm in ("sm_80", "sm_86", "sm_89", "sm_90"):
-        assert sm in out, f"no {sm} code in the library"
+    out = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(lib)], capture_output=True, text=True).stdout
+    for sm in sms:
+        assert sm in out, f"no {sm} code in {what}"
     assert ".ptx" in out, "no PTX embedded"
+
+
+def test_default_architectures_embedded(built_lib):
+    _assert_default_architectures(built_lib, ("sm_80", "sm_86", "sm_89", "sm_90"), "the library")
 
 
 def test_binding_import_is_lazy():
@@ -204,16 +209,8 @@ def test_trt_library_entry_points_and_no_tensorrt_link(trt_lib):
 
 
 def test_trt_library_default_architectures(trt_lib):
-    if os.environ.get("ACTVAR_PLUGIN_ARCHS"):
-        pytest.skip("custom architecture list")
-    cuobjdump = shutil.which("cuobjdump")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not on PATH")
-    out = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(trt_lib["trt"])], capture_output=True,
-                         text=True).stdout
-    for sm in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"):
-        assert sm in out, f"no {sm} code in the TensorRT plugin library"
-    assert ".ptx" in out, "no PTX embedded"
+    _assert_default_architectures(trt_lib["trt"], ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"),
+                                  "the TensorRT plugin library")
 
 
 def test_trt_plugin_test_program_cpu_checks(trt_lib):
