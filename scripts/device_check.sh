@@ -89,13 +89,34 @@ print(next((d for d in (os.path.join(p, 'cu13') for p in nvidia.__path__)
 section_kernels() { section_build && section_tests; local a=$?; section_bench; local b=$?; return $((a || b)); }
 
 ort_gpu_site() {
-    # onnxruntime-gpu under /tmp/site: the wheel is carried in pieces (.wheelparts, see ../shared/device/README.md)
-    # and joined under /tmp/parts by earlier runs.
-    local whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    # onnxruntime-gpu (unpacked under /tmp/site) and the serving/validation wheels (/tmp/tpack/tsite, the numpy<2
+    # wheel for the Triton models' environment under /tmp/tpack/wheels). They travel as .wheelparts/pN/part.K,
+    # pieces of one tar of ort.tar.xz + triton.tar.xz, copied to /tmp/parts by one run each (each run carries at
+    # most 64 MiB), joined here on first use.
     if [ ! -d /tmp/site/onnxruntime ]; then
-        [ -d /tmp/parts ] || { echo "no /tmp/parts: carry .wheelparts first"; return 1; }
-        cat /tmp/parts/part.* > "$whl" && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$whl" || return 1
+        [ -d /tmp/parts ] || { echo "no /tmp/parts: carry .wheelparts/pN first"; return 1; }
+        mkdir -p /tmp/site /tmp/tpack && (cd /tmp/tpack && cat /tmp/parts/part.* | tar -xf - &&
+            xz -T0 -dc ort.tar.xz | tar -xf - -C /tmp/site && xz -T0 -dc triton.tar.xz | tar -xf - &&
+            rm -f ort.tar.xz triton.tar.xz) || { echo "cannot unpack /tmp/parts"; rm -rf /tmp/site; return 1; }
     fi
+    case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH=/tmp/site:/tmp/tpack/tsite:$PYTHONPATH ;; esac
+    export TRITON_WHEELS=${TRITON_WHEELS:-/tmp/tpack/wheels}
+}
+
+section_prep() {
+    # what needs no ONNX Runtime GPU build, ahead of the runs that do (start it in the background while the
+    # wheel pieces travel): the plugin libraries (with the custom-op library when the ONNX Runtime headers are
+    # carried as .sdk/onnxruntime-1.29/include) and the random-weight checkpoints of section ort / plugin
+    local W=/tmp/ortrt inc=$ROOT/.sdk/onnxruntime-1.29/include extra=()
+    mkdir -p "$W"
+    [ -f "$inc/onnxruntime_c_api.h" ] && extra=(-DONNXRUNTIME_INCLUDE_DIR="$inc")
+    cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" "${extra[@]}" \
+        > /tmp/prep_build.log 2>&1 && cmake --build "$BUILD" -j "$(nproc)" >> /tmp/prep_build.log 2>&1
+    echo "prep build rc=$?"
+    for d in ${PREP_DEPTHS:-16 30}; do
+        [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null
+    done
+    echo "prep done"
 }
 
 section_ort() {
@@ -111,7 +132,6 @@ section_ort() {
     local W=/tmp/ortrt rc=0 c d b chk prof=()
     mkdir -p "$W"
     [ "${ORT_PROFILE:-0}" = 1 ] && prof=(--profile "$W/profile")
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 -c "import onnxruntime, torch; print('onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"
     if [ "${ORT_EXACT:-1}" = 1 ]; then
         [ -f "$W/d16.pt" ] || python3 -m actvar_export init-ckpt --depth 16 --out "$W/d16.pt" > /dev/null
@@ -155,6 +175,50 @@ section_trtplugins() {
     local rc=${PIPESTATUS[0]}
     grep -q " passed" "$OUT/pytest_trt_plugins.log" || { echo "!! no enqueue test ran (no GPU?)"; rc=1; }
     [ -f "$OUT/trt_plugin_errors.json" ] && echo "expert FFN relative errors (vs float64): $(tr -d ' \n' < "$OUT/trt_plugin_errors.json")"
+    return $rc
+}
+
+section_plugin() {
+    # ActVAR's saving on the GPU: `plugin` bundles (the custom-op library's CUDA kernels) against the dense bundle
+    # of the same checkpoint (`--active-scales ''`: no dynamic activation), both fp16 through the runtime, one
+    # `bench` process each (no eager side). PLUGIN_CONFIGS "depth:batch ..." (default d30 B16, B32; d16 B16).
+    echo "== plugin: ActVAR plugin bundles vs the dense bundle of the same model (runtime, CUDA)"
+    ort_gpu_site || return 1
+    local W=/tmp/ortrt rc=0 c d b kind
+    mkdir -p "$W"
+    for c in ${PLUGIN_CONFIGS:-30:16 30:32 16:16}; do
+        d=${c%%:*}; b=${c##*:}
+        [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
+        for kind in plugin dense; do
+            local args=(--lowering plugin)
+            [ $kind = dense ] && args=(--lowering portable --active-scales "")
+            python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/p_d${d}_b${b}_$kind" --batch "$b" --precision fp16 \
+                "${args[@]}" --force 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; continue; }
+            python3 -m actvar_export bench --bundle "$W/p_d${d}_b${b}_$kind" --iters "${PLUGIN_ITERS:-10}" \
+                --json "$OUT/plugin_d${d}_b${b}_$kind.json" 2> "$W/err.log" | grep -E "images / s|CUDA graphs|peak" ||
+                { rc=1; tail -5 "$W/err.log"; }
+            rm -rf "$W/p_d${d}_b${b}_$kind"
+        done
+    done
+    python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+rows = []
+for f in sorted(glob.glob(os.path.join(out, "plugin_d*_plugin.json"))):
+    g = f.replace("_plugin.json", "_dense.json")
+    if not os.path.exists(g):
+        continue
+    p, q = json.load(open(f)), json.load(open(g))
+    rows.append({"depth": p["bundle"]["depth"], "batch": p["bundle"]["batch"],
+                 "plugin_images_per_s": p["runtime"]["images_per_s"], "dense_images_per_s": q["runtime"]["images_per_s"],
+                 "speedup": p["runtime"]["images_per_s"] / q["runtime"]["images_per_s"],
+                 "plugin_graphs": p["runtime"].get("cuda_graphs"), "dense_graphs": q["runtime"].get("cuda_graphs")})
+json.dump({"device": p["device"] if rows else None, "versions": p.get("versions") if rows else None, "rows": rows},
+          open(os.path.join(out, "bench_plugin_vs_dense.json"), "w"), indent=1)
+print("| depth | batch | plugin images/s | dense images/s | speed-up |")
+for r in rows:
+    print(f"| d{r['depth']} | {r['batch']} | {r['plugin_images_per_s']:.1f} | {r['dense_images_per_s']:.1f} | {r['speedup']:.3f} |")
+PY
     return $rc
 }
 
@@ -204,13 +268,12 @@ section_triton() {
     # Triton serving throughput (benchmarks/bench_triton.py) over the GPU runtime: the `python` repository of a
     # d16 bundle at 1, 4, 16 concurrent clients beside the in-process runtime. The device reaches no package
     # index: TRITON_WHEELS (default /tmp/triton_wheels) must hold the wheels for this Python: nvidia-pytriton
-    # 0.7.0, numpy<2 (the models' environment), tritonclient[grpc] with grpcio and protobuf; pip reads them
-    # through PIP_NO_INDEX / PIP_FIND_LINKS, also when `serve` makes the models' environment.
+    # 0.7.0 and tritonclient[grpc] come unpacked with the ONNX Runtime pieces (ort_gpu_site), the numpy<2 wheel of the
+    # models' environment beside them (TRITON_WHEELS); pip reads it through PIP_NO_INDEX / PIP_FIND_LINKS.
     echo "== triton: tritonserver (nvidia-pytriton) vs in-process images/s"
-    export PIP_NO_INDEX=1 PIP_FIND_LINKS=${TRITON_WHEELS:-/tmp/triton_wheels}
-    python3 -c "import tritonclient.grpc" 2>/dev/null ||
-        python3 -m pip install -q --no-deps nvidia-pytriton tritonclient grpcio python-rapidjson || return 1
-    [ -d /tmp/site/onnxruntime ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
+    ort_gpu_site || return 1
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS=$TRITON_WHEELS
+    python3 -c "import tritonclient.grpc, pytriton" || return 1
     python3 benchmarks/bench_triton.py ${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
         --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton.json" 2>&1 | tee "$OUT/bench_triton.log" | tail -20
     return ${PIPESTATUS[0]}
@@ -223,9 +286,10 @@ section_validate_gpu() {
     # Needs onnxruntime-gpu as section_ort installs it.
     echo "== validate_gpu: d16 fp16 bundles through the CUDA EP"
     local w=/tmp/validate_gpu_$$ rc=0
-    mkdir -p "$w"
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
-    python3 -m actvar_export init-ckpt --depth 16 --out "$w/d16.pt" || return 1
+    mkdir -p "$w" /tmp/ortrt
+    ort_gpu_site || return 1
+    [ -f /tmp/ortrt/d16.pt ] || python3 -m actvar_export init-ckpt --depth 16 --out /tmp/ortrt/d16.pt > /dev/null || return 1
+    ln -sf /tmp/ortrt/d16.pt "$w/d16.pt"
     for low in portable plugin; do
         python3 -m actvar_export build --ckpt "$w/d16.pt" --out "$w/b_$low" --batch "${VALIDATE_BATCH:-4}" --precision fp16 --lowering $low --force || { rc=1; continue; }
         python3 -m actvar_export validate --bundle "$w/b_$low" --ckpt "$w/d16.pt" --providers cuda,cpu \
@@ -239,7 +303,7 @@ section_validate_gpu() {
 }
 
 ALL=(kernels)
-for s in ort ortops trtplugins cpp triton validate_gpu; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
+for s in ort ortops plugin trtplugins cpp triton validate_gpu; do declare -F "section_$s" > /dev/null && ALL+=("$s"); done
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=("${ALL[@]}")
 

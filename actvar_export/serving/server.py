@@ -78,8 +78,10 @@ def _atomic_dir(target: Path, make: Callable[[Path], None]) -> Path:
 
 def models_env(say: Callable[[str], None] = print) -> Path:
     """The models' virtual environment (numpy<2 + this interpreter's site directories); made on first use."""
-    dirs = [d for d in site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
-            if Path(d).is_dir()]
+    # PYTHONPATH's directories too (e.g. a GPU build of onnxruntime installed with --target): the stub ignores it
+    extra = [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d]
+    dirs = [d for d in extra + site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+            if Path(d).is_dir() and Path(d).resolve() != Path(package_root() or "/nonexistent").resolve()]
     root = package_root()   # the embedded interpreter ignores PYTHONPATH: a source tree goes into the .pth
     key = hashlib.sha256("\n".join([sys.executable, str(root)] + dirs).encode()).hexdigest()[:10]
     target = cache_dir() / f"models-py{sys.version_info[0]}.{sys.version_info[1]}-{key}"
