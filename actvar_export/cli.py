@@ -459,16 +459,17 @@ def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model (instance_group count).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True, help="Dynamic batcher's wait for more requests.")
 @click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier  [default: off]")
-def triton(bundle, out, backend, instances, max_queue_delay_us, force):
+@click.option("--gpus", default=None, help="'all' (the GPUs seen here now) or indices '0,1': every model's instances on these GPUs, --instances per GPU (KIND_GPU)  [default: no kind, Triton places them]")
+def triton(bundle, out, backend, instances, max_queue_delay_us, force, gpus):
     """Write a Triton Inference Server model repository for a bundle (config.pbtxt files, models, README
     with the server command lines), into a temporary directory renamed when complete.
 
     \b
     Example:
-      actvar-export triton --bundle demo/bundle --out demo/repo --instances 2
+      actvar-export triton --bundle demo/bundle --out demo/repo --instances 2 --gpus 0,1
     """
     from .serving.repository import write_repository
-    p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force)
+    p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force, opt.gpus(gpus))
     click.echo(f"wrote {p}: Triton model repository ({backend}); see {p / 'README.md'}")
 
 
@@ -476,7 +477,8 @@ def triton(bundle, out, backend, instances, max_queue_delay_us, force):
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="A model repository from `triton`.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Loopback HTTP port.")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Loopback gRPC port.")
-def serve(repo, http_port, grpc_port):
+@click.option("--gpus", default=None, help="'all' or '0,1': serve every model's instances on these GPUs (the repository's count per GPU; the repository is not changed)  [default: as the repository says]")
+def serve(repo, http_port, grpc_port, gpus):
     """Start tritonserver on a model repository (loopback), wait until it is ready, print the endpoints;
     Ctrl-C or SIGTERM stops it.
 
@@ -485,7 +487,7 @@ def serve(repo, http_port, grpc_port):
       actvar-export serve --repo demo/repo --http-port 8000 --grpc-port 8001
     """
     from .serving.server import serve as run
-    sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True)))
+    sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True), gpus=opt.gpus(gpus)))
 
 
 @main.command()

@@ -233,8 +233,29 @@ class TritonServer:
 
 
 def serve(repo, http_port: Optional[int], grpc_port: Optional[int], say: Callable[[str], None] = print,
-          extra_args: Sequence[str] = ()) -> int:
-    """Run until Ctrl-C or SIGTERM; returns the server's exit status (0 on a clean stop)."""
+          extra_args: Sequence[str] = (), gpus: Optional[Sequence[int]] = None) -> int:
+    """Run until Ctrl-C or SIGTERM; returns the server's exit status (0 on a clean stop). gpus: serve a view of
+    the repository with every model's instances on these GPUs (repository.placed_view; removed at the end)."""
+    view = None
+    if gpus is not None:
+        from .repository import placed_view
+        TritonServer(repo)     # (checks --repo first)
+        from ..fsutil import temp_dir
+        view = temp_dir(cache_dir() / "repository-view")     # (a dead server's view is removed by the next)
+        try:
+            repo = placed_view(repo, gpus, view / "repo")
+        except BaseException:
+            shutil.rmtree(view, ignore_errors=True)
+            raise
+        say(f"instances on GPU {', '.join(map(str, gpus))}: serving {repo} (a view of the repository)")
+    try:
+        return _serve(repo, http_port, grpc_port, say, extra_args)
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
+
+
+def _serve(repo, http_port, grpc_port, say, extra_args) -> int:
     srv = TritonServer(repo, http_port, grpc_port, extra_args=extra_args, say=say)
     stopping = []
 
