@@ -522,5 +522,44 @@ def request(url, classes, seed, cfg, top_p, protocol, out, raw):
     click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images from {url} ({protocol}), {time.time() - t:.1f}s")
 
 
+
+@main.command()
+@click.option("--url", required=True, help="Server address: host:port, http://host:port or grpc://host:port.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True, help="Concurrent clients (threads, one connection each).")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=64, show_default=True, help="Requests in all.")
+@click.option("--classes", default="207", show_default=True, help="ImageNet class ids of every request (its images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of distinct request 0; distinct request d has seed + d.")
+@click.option("--distinct", type=click.IntRange(min=1), default=4, show_default=True, help="Distinct requests; request i is distinct request i mod D.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default=None, help="Triton's HTTP or gRPC endpoint  [default: the URL's scheme, else http]")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="The bundle the server serves: expected images from the in-process runtime  [default: none, the determinism rule]")
+@click.option("--providers", default=None, help="With --bundle: cuda or cpu for the expected images  [default: CUDA where it runs, else CPU]")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON  [default: none]")
+def loadtest(url, concurrency, n_requests, classes, seed, distinct, protocol, bundle, providers, json_out):
+    """Load a served `actvar` model with concurrent clients: images/s, latency p50/p90/p99, and every response
+    checked against its classes and seed (exit 2 on any wrong image or failed request).
+
+    \b
+    Example:
+      actvar-export loadtest --url 127.0.0.1:8001 --protocol grpc --concurrency 32 --requests 512 --bundle demo/bundle --json load.json
+    """
+    from .serving.loadtest import format_report, loadtest as run, passed
+    labels = opt.classes(classes)
+    if json_out is not None:
+        opt.output_file(json_out, "--json")
+    if bundle is not None:
+        from .bundle import Bundle
+        Bundle.open(bundle, verify=False)
+    device = opt.runtime_device(providers) if bundle is not None else None
+    r = run(url, concurrency, n_requests, labels, seed, distinct, protocol, bundle, device,
+            say=lambda m: click.echo(m, err=True))
+    click.echo(format_report(r))
+    if json_out is not None:
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, r)
+        click.echo(f"wrote {json_out}")
+    if not passed(r):
+        click.echo(f"Error: {r['wrong_images']} wrong images, {r['failed_requests']} failed requests", err=True)
+        sys.exit(2)
+
 if __name__ == "__main__":
     main()
