@@ -2,9 +2,9 @@
 
 With the nvidia-pytriton wheel's server (Triton 2.51, Python backend only) the models' Python is a small
 virtual environment with numpy<2 (2.51's Python backend corrupts tensors under numpy 2), made once in the
-cache directory; a .pth file there adds the project's source tree (when it runs from one) and this interpreter's
-site directories after its own, so the project and its dependencies import with that numpy (the stub's
-embedded interpreter ignores PYTHONPATH). A private backend directory links the wheel's
+cache directory; a .pth file there adds the project's source tree (when it runs from one), PYTHONPATH's
+directories and this interpreter's site directories after its own, so the project and its dependencies import
+with that numpy (the stub's embedded interpreter ignores PYTHONPATH). A private backend directory links the wheel's
 Python backend and the stub built for this Python.
 """
 from __future__ import annotations
@@ -78,9 +78,11 @@ def _atomic_dir(target: Path, make: Callable[[Path], None]) -> Path:
 
 def models_env(say: Callable[[str], None] = print) -> Path:
     """The models' virtual environment (numpy<2 + this interpreter's site directories); made on first use."""
-    dirs = [d for d in site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    root = package_root()   # the embedded interpreter ignores PYTHONPATH: a source tree goes into the .pth,
+    # and PYTHONPATH's directories (e.g. an onnxruntime-gpu installed with --target) before the site directories
+    extra = [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d and str(Path(d).resolve()) != root]
+    dirs = [d for d in extra + site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
             if Path(d).is_dir()]
-    root = package_root()   # the embedded interpreter ignores PYTHONPATH: a source tree goes into the .pth
     key = hashlib.sha256("\n".join([sys.executable, str(root)] + dirs).encode()).hexdigest()[:10]
     target = cache_dir() / f"models-py{sys.version_info[0]}.{sys.version_info[1]}-{key}"
 
