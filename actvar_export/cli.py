@@ -522,7 +522,6 @@ def request(url, classes, seed, cfg, top_p, protocol, out, raw):
     click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images from {url} ({protocol}), {time.time() - t:.1f}s")
 
 
-
 @main.command()
 @click.option("--url", required=True, help="Server address: host:port, http://host:port or grpc://host:port.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True, help="Concurrent clients (threads, one connection each).")
@@ -560,6 +559,7 @@ def loadtest(url, concurrency, n_requests, classes, seed, distinct, protocol, bu
     if not passed(r):
         click.echo(f"Error: {r['wrong_images']} wrong images, {r['failed_requests']} failed requests", err=True)
         sys.exit(2)
+
 
 if __name__ == "__main__":
     main()
