@@ -459,16 +459,17 @@ def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model (instance_group count).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True, help="Dynamic batcher's wait for more requests.")
 @click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier  [default: off]")
-def triton(bundle, out, backend, instances, max_queue_delay_us, force):
+@click.option("--gpus", default=None, help="'all' (the GPUs seen here now) or indices '0,1': every model's instances on these GPUs, --instances per GPU (KIND_GPU)  [default: no kind, Triton places them]")
+def triton(bundle, out, backend, instances, max_queue_delay_us, force, gpus):
     """Write a Triton Inference Server model repository for a bundle (config.pbtxt files, models, README
     with the server command lines), into a temporary directory renamed when complete.
 
     \b
     Example:
-      actvar-export triton --bundle demo/bundle --out demo/repo --instances 2
+      actvar-export triton --bundle demo/bundle --out demo/repo --instances 2 --gpus 0,1
     """
     from .serving.repository import write_repository
-    p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force)
+    p = write_repository(bundle, out, backend, instances, max_queue_delay_us, force, opt.gpus(gpus))
     click.echo(f"wrote {p}: Triton model repository ({backend}); see {p / 'README.md'}")
 
 
@@ -476,7 +477,8 @@ def triton(bundle, out, backend, instances, max_queue_delay_us, force):
 @click.option("--repo", type=click.Path(path_type=Path), required=True, help="A model repository from `triton`.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Loopback HTTP port.")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Loopback gRPC port.")
-def serve(repo, http_port, grpc_port):
+@click.option("--gpus", default=None, help="'all' or '0,1': serve every model's instances on these GPUs (the repository's count per GPU; the repository is not changed)  [default: as the repository says]")
+def serve(repo, http_port, grpc_port, gpus):
     """Start tritonserver on a model repository (loopback), wait until it is ready, print the endpoints;
     Ctrl-C or SIGTERM stops it.
 
@@ -485,7 +487,7 @@ def serve(repo, http_port, grpc_port):
       actvar-export serve --repo demo/repo --http-port 8000 --grpc-port 8001
     """
     from .serving.server import serve as run
-    sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True)))
+    sys.exit(run(repo, http_port, grpc_port, say=lambda m: click.echo(m, err=True), gpus=opt.gpus(gpus)))
 
 
 @main.command()
@@ -518,6 +520,45 @@ def request(url, classes, seed, cfg, top_p, protocol, out, raw):
     if raw:
         save_raw(images, raw)
     click.echo(f"wrote {out}{f' and {raw}' if raw else ''}: {len(labels)} images from {url} ({protocol}), {time.time() - t:.1f}s")
+
+
+@main.command()
+@click.option("--url", required=True, help="Server address: host:port, http://host:port or grpc://host:port.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True, help="Concurrent clients (threads, one connection each).")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=64, show_default=True, help="Requests in all.")
+@click.option("--classes", default="207", show_default=True, help="ImageNet class ids of every request (its images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of distinct request 0; distinct request d has seed + d.")
+@click.option("--distinct", type=click.IntRange(min=1), default=4, show_default=True, help="Distinct requests; request i is distinct request i mod D.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default=None, help="Triton's HTTP or gRPC endpoint  [default: the URL's scheme, else http]")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="The bundle the server serves: expected images from the in-process runtime  [default: none, the determinism rule]")
+@click.option("--providers", default=None, help="With --bundle: cuda or cpu for the expected images  [default: CUDA where it runs, else CPU]")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON  [default: none]")
+def loadtest(url, concurrency, n_requests, classes, seed, distinct, protocol, bundle, providers, json_out):
+    """Load a served `actvar` model with concurrent clients: images/s, latency p50/p90/p99, and every response
+    checked against its classes and seed (exit 2 on any wrong image or failed request).
+
+    \b
+    Example:
+      actvar-export loadtest --url 127.0.0.1:8001 --protocol grpc --concurrency 32 --requests 512 --bundle demo/bundle --json load.json
+    """
+    from .serving.loadtest import format_report, loadtest as run, passed
+    labels = opt.classes(classes)
+    if json_out is not None:
+        opt.output_file(json_out, "--json")
+    if bundle is not None:
+        from .bundle import Bundle
+        Bundle.open(bundle, verify=False)
+    device = opt.runtime_device(providers) if bundle is not None else None
+    r = run(url, concurrency, n_requests, labels, seed, distinct, protocol, bundle, device,
+            say=lambda m: click.echo(m, err=True))
+    click.echo(format_report(r))
+    if json_out is not None:
+        from .fsutil import write_json_atomic
+        write_json_atomic(json_out, r)
+        click.echo(f"wrote {json_out}")
+    if not passed(r):
+        click.echo(f"Error: {r['wrong_images']} wrong images, {r['failed_requests']} failed requests", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,51 @@ def runtime_device(text: Optional[str]) -> str:
     return "cuda" if names[0] == "CUDAExecutionProvider" else "cpu"
 
 
+def visible_gpus() -> List[int]:
+    """Indices of the GPUs this machine shows: torch's CUDA devices (they honour CUDA_VISIBLE_DEVICES, as the
+    server started from this environment does), else the lines of `nvidia-smi -L`; [] where there is none."""
+    import subprocess
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return list(range(torch.cuda.device_count()))
+    except ImportError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        r = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return list(range(sum(line.startswith("GPU ") for line in r.stdout.splitlines()))) if r.returncode == 0 else []
+
+
+def gpus(text: Optional[str], option: str = "--gpus") -> Optional[List[int]]:
+    """--gpus: None (not given), 'all' (every GPU seen now: visible_gpus) or distinct indices '0,1,...'."""
+    if text is None:
+        return None
+    t = text.strip()
+    if t.lower() == "all":
+        found = visible_gpus()
+        if not found:
+            raise ActVarError(f"{option} all: no GPU found here (neither torch nor `nvidia-smi -L` sees one); "
+                              f"name the GPUs of the serving machine instead, e.g. {option} 0,1")
+        return found
+    try:
+        ids = [int(p) for p in t.split(",")]
+    except ValueError:
+        raise ActVarError(f"invalid {option} {text!r}: expected 'all' or GPU indices separated by commas, "
+                          f"e.g. {option} 0,1") from None
+    bad = [i for i in ids if i < 0]
+    if bad:
+        raise ActVarError(f"invalid {option} {text!r}: {bad[0]} is negative (GPU indices are 0, 1, ...)")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ActVarError(f"invalid {option} {text!r}: GPU {dup[0]} is listed twice")
+    return ids
+
+
 def _inside(p: Path, d: Path) -> bool:
     return p == d or d in p.parents
 

@@ -7,7 +7,8 @@
 # through the CUDA EP, reports under $OUT), ortops (the
 # ONNX Runtime custom-op library plugins/ort and its GPU tests), trtplugins (the TensorRT plugin library's test
 # program: enqueue on the GPU compared with the reference ops), probe (the expert GEMMs alone,
-# benchmarks/gemm_probe.cu; not in the default list). Other sections can be added as functions named
+# benchmarks/gemm_probe.cu; not in the default list), triton_gpus (Triton with the instances on GPU 0 vs on every GPU:
+# images/s ratio and checked images; needs 2+ GPUs, not in the default list). Other sections can be added as functions named
 # section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
 set -uo pipefail
@@ -277,6 +278,53 @@ section_triton() {
     python3 benchmarks/bench_triton.py ${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
         --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton.json" 2>&1 | tee "$OUT/bench_triton.log" | tail -20
     return ${PIPESTATUS[0]}
+}
+
+section_triton_gpus() {
+    # Triton on several GPUs: a d16 fp16 bundle (batch TG_BATCH, default 16) through the `python` repository written
+    # with --gpus 0, served as it is and then with `serve --gpus all`; loadtest at TG_CONCURRENCY (default 32)
+    # gRPC clients, TG_REQUESTS (default 1024) one-image requests after a warm-up, every image checked against the
+    # in-process runtime (--bundle); prints the images/s ratio all/0 (target: >= 1.8 on 2 GPUs, zero wrong images).
+    # Wheels as section triton (TRITON_WHEELS); onnxruntime-gpu as section ort (/tmp/parts or /tmp/site).
+    echo "== triton_gpus: images/s with the instances on GPU 0 vs on every GPU"
+    local n W=/tmp/triton_gpus_$$ rc=0 g gpus pid i
+    n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+    [ "$n" -ge 2 ] || { echo "needs 2 or more GPUs (nvidia-smi -L lists $n)"; return 1; }
+    export PIP_NO_INDEX=1 PIP_FIND_LINKS=${TRITON_WHEELS:-/tmp/triton_wheels}
+    python3 -c "import tritonclient.grpc" 2>/dev/null ||
+        python3 -m pip install -q --no-deps nvidia-pytriton tritonclient grpcio python-rapidjson || return 1
+    ort_gpu_site || return 1
+    export PYTHONPATH=/tmp/site:$PYTHONPATH      # (serve puts PYTHONPATH's directories into the models' Python)
+    mkdir -p "$W"
+    { python3 -m actvar_export init-ckpt --depth 16 --out "$W/d16.pt" &&
+      python3 -m actvar_export build --ckpt "$W/d16.pt" --out "$W/b" --batch "${TG_BATCH:-16}" --precision fp16 &&
+      python3 -m actvar_export triton --bundle "$W/b" --out "$W/repo" --gpus 0 --max-queue-delay-us 5000; } \
+        > "$W/prep.log" 2>&1 || { tail -5 "$W/prep.log"; rm -rf "$W"; return 1; }
+    for g in 0 all; do
+        gpus=(); [ "$g" = all ] && gpus=(--gpus all)
+        python3 -m actvar_export serve --repo "$W/repo" "${gpus[@]}" --http-port 18000 --grpc-port 18001 > "$W/serve_$g.log" 2>&1 &
+        pid=$!
+        for i in $(seq 600); do grep -q "tritonserver ready" "$W/serve_$g.log" && break; kill -0 $pid 2>/dev/null || break; sleep 1; done
+        if ! grep -q "tritonserver ready" "$W/serve_$g.log"; then
+            echo "!! serve ($g) did not become ready"; tail -5 "$W/serve_$g.log"; kill -TERM $pid 2>/dev/null; wait $pid; rc=1; continue
+        fi
+        python3 -m actvar_export loadtest --url grpc://127.0.0.1:18001 --concurrency "${TG_CONCURRENCY:-32}" \
+            --requests 128 --distinct 16 > /dev/null 2>&1     # warm-up (CUDA graphs of every instance)
+        echo "-- instances on GPU $g"
+        python3 -m actvar_export loadtest --url grpc://127.0.0.1:18001 --concurrency "${TG_CONCURRENCY:-32}" \
+            --requests "${TG_REQUESTS:-1024}" --distinct 16 --bundle "$W/b" --json "$OUT/loadtest_gpus_$g.json" 2> "$W/load_$g.err" ||
+            { rc=1; tail -3 "$W/load_$g.err"; }
+        kill -TERM $pid; wait $pid
+    done
+    python3 - "$OUT/loadtest_gpus_0.json" "$OUT/loadtest_gpus_all.json" "$n" <<'PY' || rc=1
+import json, sys
+one, many = (json.load(open(p)) for p in sys.argv[1:3])
+ratio = many["images_per_s"] / one["images_per_s"]
+print(f"images/s: GPU 0 {one['images_per_s']:.2f}, all {sys.argv[3]} GPUs {many['images_per_s']:.2f}: ratio {ratio:.2f}; "
+      f"wrong images {one['wrong_images']} + {many['wrong_images']}")
+PY
+    rm -rf "$W"
+    return $rc
 }
 
 section_validate_gpu() {

@@ -113,3 +113,36 @@ def test_sample_reference_raw(actvar_ckpt, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
     # the grid's first tile (4 px margin, 18 px title row) is the first raw image
     assert np.array_equal(grid[22:22 + 256, 4:4 + 256], raw[0])
+
+
+def test_image_check_counts_wrong_images():
+    """Both references of `loadtest`: a changed pixel, a wrong shape or dtype, and (determinism rule) a response
+    that differs from the first one to the same request are counted image by image."""
+    from actvar_export.serving.loadtest import ImageCheck
+    rng = np.random.default_rng(0)
+    a, b = Job((1, 2), 5), Job((3,), 6)
+    imgs = {a: rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8), b: rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)}
+    chk = ImageCheck({k: v.copy() for k, v in imgs.items()})
+    assert chk.mode == "bundle" and chk(a, imgs[a]) == 0 and chk(b, imgs[b]) == 0
+    off = imgs[a].copy()
+    off[1, 100, 7, 2] ^= 1
+    assert chk(a, off) == 1 and chk(a, imgs[a][:1]) == 2 and chk(b, imgs[b].astype(np.int16)) == 1
+    assert chk(b, imgs[a][:1]) == 1          # another request's image
+    assert (chk.checked, chk.wrong, chk.wrong_requests) == (9, 5, 4)
+    det = ImageCheck()
+    assert det.mode == "determinism" and det(a, imgs[a]) == 0 and det.checked == 0   # the first is the reference
+    assert det(a, imgs[a].copy()) == 0 and det(a, off) == 1 and det(b, imgs[b]) == 0 and det(b, imgs[a][1:]) == 1
+    assert (det.checked, det.wrong) == (5, 2)
+
+
+def test_instance_device_and_url():
+    from actvar_export.serving.client import split_url
+    from actvar_export.serving.generator import instance_device
+    assert instance_device({"model_instance_kind": "GPU", "model_instance_device_id": "3"}) == ("cuda", 3)
+    assert instance_device({"model_instance_kind": "CPU", "model_instance_device_id": "0"}) == (None, 0)
+    assert split_url("grpc://h:8001") == ("h:8001", "grpc") and split_url("h:8000") == ("h:8000", "http")
+    assert split_url("h:8001", "grpc") == ("h:8001", "grpc")
+    with pytest.raises(ActVarError, match="is http but --protocol is grpc"):
+        split_url("http://h:8000", "grpc")
+    with pytest.raises(ActVarError, match="unknown scheme https://"):
+        split_url("https://h:8000")

@@ -165,6 +165,37 @@ def test_bad_requests_name_the_problem(server, arrays, needles):
     assert _ready(server["http"].split(":")[1])
 
 
+def _loadtest(url, bundle, json_out):
+    return cli("loadtest", "--url", url, "--concurrency", 4, "--requests", 4, "--distinct", 2, "--seed", 21,
+               "--bundle", bundle, "--providers", "cpu", "--json", json_out, check=False)
+
+
+def test_loadtest_checks_every_image(server, bundle, tmp_path):
+    """4 concurrent gRPC clients; every response equals the in-process runtime's images for its classes and seed."""
+    r = _loadtest(f"grpc://{server['grpc']}", bundle, tmp_path / "load.json")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "load.json").read_text())
+    assert rep["check"] == "bundle" and rep["protocol"] == "grpc" and f"bundle {bundle}" in r.stdout
+    assert rep["checked_images"] == rep["images"] == 4 and rep["wrong_images"] == 0 and rep["failed_requests"] == 0
+    assert rep["images_per_s"] > 0 and 0 < rep["latency_ms"]["p50"] <= rep["latency_ms"]["p99"]
+    for row in ("images/s", "latency p90", "wrong images     0 of 4"):
+        assert row in r.stdout, r.stdout
+
+
+def test_loadtest_fails_on_wrong_images(server, tmp_path):
+    """The same loadtest with the expected images of a bundle from another checkpoint: every image is wrong."""
+    from actvar_export.bundle import build_bundle
+    from actvar_export.checkpoint import save_atomic
+    from actvar_export.init import init_checkpoint
+    save_atomic(init_checkpoint(2, seed=4), tmp_path / "other.pt")
+    other = build_bundle(tmp_path / "other.pt", tmp_path / "other", batch=4, precision="fp32", show_progress=False)
+    r = _loadtest(f"http://{server['http']}", other, tmp_path / "load.json")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "Error: 4 wrong images, 0 failed requests"
+    rep = json.loads((tmp_path / "load.json").read_text())
+    assert rep["wrong_images"] == rep["checked_images"] == 4 and rep["wrong_requests"] == 4
+
+
 def test_sigterm_stops_server(server):
     """Last test of the module: the serve process and every process of its server are gone within 5 s."""
     proc = server["proc"]
@@ -361,3 +392,64 @@ def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, plugin_build, tmp_pa
                     for k, (t, _) in {**gi["inputs"], **gi["outputs"]}.items()}
             got = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in list(c.input) + list(c.output)}
             assert got == want, name   # the fp16 bundle's packed KV cache is FP16, the rest as exported
+
+
+def test_gpus_config(bundle, tmp_path):
+    """--gpus 0,1: every model's instance group is KIND_GPU on GPUs 0 and 1 with --instances per GPU, in the
+    schema of Triton's model config; without --gpus no kind."""
+    pytest.importorskip("tritonclient.grpc")
+    from tritonclient.grpc import model_config_pb2
+    from actvar_export.serving.repository import write_repository
+    cli("triton", "--bundle", bundle, "--out", tmp_path / "py", "--gpus", "0,1", "--instances", 2)
+    write_repository(bundle, tmp_path / "ort", backend="onnxruntime", gpus=[0, 1])
+    gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    for repo, n in ((tmp_path / "py", 1), (tmp_path / "ort", 12)):
+        cfgs = _parse_configs(repo)
+        assert len(cfgs) == n
+        for name, c in cfgs.items():
+            (g,) = c.instance_group
+            assert g.kind == gpu and list(g.gpus) == [0, 1] and g.count == (2 if repo.name == "py" else 1), name
+        assert json.loads((repo / ".actvar-repository.json").read_text())["gpus"] == [0, 1]
+    (g,) = _parse_configs(write_repository(bundle, tmp_path / "plain"))["actvar"].instance_group
+    assert g.kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO and not g.gpus
+
+
+@pytest.mark.parametrize("gpus, needle", [("0,0", "GPU 0 is listed twice"), ("-1", "-1 is negative"),
+                                          ("0,x", "expected 'all' or GPU indices"), ("1,,2", "expected 'all'")])
+def test_gpus_option_errors(bundle, tmp_path, gpus, needle):
+    r = cli("triton", "--bundle", bundle, "--out", tmp_path / "repo", "--gpus", gpus, check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"Error: invalid --gpus {gpus!r}: ") and needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.iterdir())
+    r = cli("serve", "--repo", tmp_path, "--gpus", gpus, check=False)
+    assert r.returncode == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_gpus_all(monkeypatch):
+    from actvar_export import options
+    monkeypatch.setattr(options, "visible_gpus", lambda: [])
+    with pytest.raises(ActVarError, match="--gpus all: no GPU found here"):
+        options.gpus("all")
+    monkeypatch.setattr(options, "visible_gpus", lambda: [0, 1, 2])
+    assert options.gpus("all") == [0, 1, 2] and options.gpus(" 3,1 ") == [3, 1] and options.gpus(None) is None
+
+
+def test_placed_view(bundle, tmp_path):
+    """serve --gpus serves a view: configs with the new placement, the models' files linked, the repository unchanged."""
+    pytest.importorskip("tritonclient.grpc")
+    from actvar_export.serving.repository import placed_view, write_repository
+    repo = write_repository(bundle, tmp_path / "repo", backend="onnxruntime", instances=3)
+    before = {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
+    view = placed_view(repo, [2, 3], tmp_path / "view")
+    for name, c in _parse_configs(view).items():
+        (g,) = c.instance_group
+        assert g.kind == g.KIND_GPU and list(g.gpus) == [2, 3] and g.count == 3, name
+        assert (view / name / "1").resolve() == (repo / name / "1").resolve()
+    assert (view / "step_3" / "1" / "model.onnx").read_bytes() == (repo / "step_3" / "1" / "model.onnx").read_bytes()
+    assert {p: p.read_text() for p in repo.glob("*/config.pbtxt")} == before
+    back = placed_view(view, None, tmp_path / "back")      # the view is itself a repository (its marker is linked)
+    assert {p.relative_to(back): p.read_text() for p in back.glob("*/config.pbtxt")} == \
+        {p.relative_to(repo): t for p, t in before.items()}
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ActVarError, match="not a model repository written by"):
+        placed_view(tmp_path / "mine", [0], tmp_path / "v2")

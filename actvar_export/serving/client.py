@@ -1,7 +1,7 @@
 """`actvar-export request`: images from a served `actvar` model through tritonclient (HTTP or gRPC)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,33 +23,75 @@ def _module(protocol: str):
     return m
 
 
+def split_url(url: str, protocol: Optional[str] = None) -> Tuple[str, str]:
+    """(host:port, protocol) from 'host:port', 'http://host:port' or 'grpc://host:port'; a scheme must agree with
+    `protocol` where both are given; neither: http."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url, protocol or "http"
+    if scheme not in PROTOCOLS:
+        raise ActVarError(f"--url {url}: unknown scheme {scheme}://: use http:// or grpc:// (or --protocol)")
+    if protocol and protocol != scheme:
+        raise ActVarError(f"--url {url} is {scheme} but --protocol is {protocol}")
+    return rest.rstrip("/"), scheme
+
+
+class ActVarClient:
+    """One client of a served `actvar` model over HTTP or gRPC (tritonclient): `images(...)` per request.
+    One per thread (tritonclient's clients are not shared between concurrent calls)."""
+
+    def __init__(self, url: str, protocol: str = "http", model: str = "actvar", timeout_s: float = 600):
+        self.m = _module(protocol)
+        self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, timeout_s
+        if protocol == "http":
+            self.client = self.m.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        else:
+            self.client = self.m.InferenceServerClient(url)
+
+    def _call(self, what, fn, *args, **kw):
+        from tritonclient.utils import InferenceServerException
+        try:
+            return fn(*args, **kw)
+        except InferenceServerException as e:
+            raise ActVarError(f"{self.url} ({self.protocol}): {e.message() or e}") from None
+        except OSError as e:
+            raise ActVarError(f"{self.url} ({self.protocol}): cannot reach the server ({what}: {e})") from None
+
+    def check_ready(self) -> None:
+        """ActVarError unless the server answers and the model is ready."""
+        if not self._call("readiness", self.client.is_model_ready, self.model):
+            raise ActVarError(f"{self.url} ({self.protocol}): model {self.model!r} is not ready")
+
+    def images(self, labels: Sequence[int], seed: int, cfg: Optional[float] = None,
+               top_p: Optional[float] = None) -> np.ndarray:
+        """uint8 images (n, 256, 256, 3) for one request (a row of the model's batch dimension)."""
+        m = self.m
+        arrays = {"class_labels": np.asarray(labels, np.int64).reshape(1, -1), "seed": np.array([[seed]], np.int64)}
+        for name, v in (("cfg", cfg), ("top_p", top_p)):
+            if v is not None:
+                arrays[name] = np.array([[v]], np.float32)
+        inputs = []
+        for name, a in arrays.items():
+            t = m.InferInput(name, list(a.shape), "INT64" if a.dtype == np.int64 else "FP32")
+            t.set_data_from_numpy(a)
+            inputs.append(t)
+        kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        res = self._call("infer", self.client.infer, self.model, inputs, outputs=[m.InferRequestedOutput("images")], **kw)
+        images = res.as_numpy("images")
+        return images.reshape((-1,) + images.shape[-3:])
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def request_images(url: str, labels: Sequence[int], seed: int, protocol: str = "http", cfg: Optional[float] = None,
                    top_p: Optional[float] = None, model: str = "actvar", timeout_s: float = 600) -> np.ndarray:
-    """uint8 images (n, 256, 256, 3) for one request (a row of the model's batch dimension)."""
-    m = _module(protocol)
-    from tritonclient.utils import InferenceServerException
-    arrays = {"class_labels": np.asarray(labels, np.int64).reshape(1, -1), "seed": np.array([[seed]], np.int64)}
-    for name, v in (("cfg", cfg), ("top_p", top_p)):
-        if v is not None:
-            arrays[name] = np.array([[v]], np.float32)
-    inputs = []
-    for name, a in arrays.items():
-        t = m.InferInput(name, list(a.shape), "INT64" if a.dtype == np.int64 else "FP32")
-        t.set_data_from_numpy(a)
-        inputs.append(t)
-    try:
-        if protocol == "http":
-            client = m.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
-        else:
-            client = m.InferenceServerClient(url)
-        try:
-            kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
-            res = client.infer(model, inputs, outputs=[m.InferRequestedOutput("images")], **kw)
-        finally:
-            client.close()
-    except InferenceServerException as e:
-        raise ActVarError(f"{url} ({protocol}): {e.message() or e}") from None
-    except OSError as e:
-        raise ActVarError(f"{url} ({protocol}): cannot reach the server ({e})") from None
-    images = res.as_numpy("images")
-    return images.reshape((-1,) + images.shape[-3:])
+    """uint8 images (n, 256, 256, 3) for one request."""
+    with ActVarClient(url, protocol, model, timeout_s) as c:
+        return c.images(labels, seed, cfg, top_p)

@@ -85,15 +85,24 @@ class BundleGenerator:
         return out
 
 
-def load_generator(bundle_dir, device: Optional[str] = None, verify: bool = True) -> BundleGenerator:
+def load_generator(bundle_dir, device: Optional[str] = None, verify: bool = True, device_id: int = 0) -> BundleGenerator:
     """The bundle runtime (runtime/ort_runtime.py) that serves a bundle, on `device` (cuda or cpu; default: CUDA
-    where it runs)."""
+    where it runs), CUDA device `device_id`."""
     from ..bundle import Bundle
-    return bundle_generator(Bundle.open(bundle_dir, verify=verify), device)
+    return bundle_generator(Bundle.open(bundle_dir, verify=verify), device, device_id=device_id)
 
 
-def bundle_generator(bundle, device: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> BundleGenerator:
+def bundle_generator(bundle, device: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
+                     device_id: int = 0) -> BundleGenerator:
     """A generator over the bundle runtime for an opened (and checked) Bundle."""
     from ..runtime.ort_runtime import Runtime, default_device
-    rt = Runtime(bundle, device or default_device(), log=log)
+    rt = Runtime(bundle, device or default_device(), device_id=device_id, log=log)
     return BundleGenerator(bundle.batch, rt, f"onnxruntime ({', '.join(rt.provider_names)})")
+
+
+def instance_device(args: dict) -> Tuple[Optional[str], int]:
+    """(device, device_id) for a Triton model instance from its `initialize` args: a KIND_GPU instance runs on
+    its own GPU (model_instance_device_id); any other on the default device (CUDA where it runs, else CPU)."""
+    if args.get("model_instance_kind") == "GPU":
+        return "cuda", int(args.get("model_instance_device_id", 0))
+    return None, 0

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import ActVarError
 from .generator import DEFAULT_CFG, DEFAULT_TOP_P
@@ -49,18 +50,26 @@ def _tensor(name: str, dtype: str, dims: List[int], optional: bool = False, ragg
     return f'  {{ name: "{name}" data_type: {_TYPES[dtype]} dims: [ {", ".join(str(d) for d in dims)} ]{opt} }}'
 
 
+def instance_group(instances: int, gpus: Optional[Sequence[int]] = None) -> str:
+    """`instances` per listed GPU (KIND_GPU); without GPUs no kind: Triton places them (KIND_GPU fails without
+    a GPU)."""
+    place = f" kind: KIND_GPU gpus: [ {', '.join(str(g) for g in gpus)} ]" if gpus else ""
+    return f"instance_group [ {{ count: {instances}{place} }} ]\n"
+
+
 def _config(name: str, head: str, inputs: List[str], outputs: List[str], instances: int, extra: str = "",
-            max_batch_size: int = 0) -> str:
+            max_batch_size: int = 0, gpus: Optional[Sequence[int]] = None) -> str:
     return (f'name: "{name}"\n{head}\nmax_batch_size: {max_batch_size}\n'
             "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
-            f"instance_group [ {{ count: {instances} }} ]\n{extra}")
+            f"{instance_group(instances, gpus)}{extra}")
 
 
-def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str) -> str:
+def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str,
+                  gpus: Optional[Sequence[int]] = None) -> str:
     """The `actvar` model: per request class_labels INT64 [n], seed INT64 [1], optional cfg / top_p FP32 [1]
     -> images UINT8 [n, 256, 256, 3], behind Triton's batch dimension (a request of k rows is k jobs), so
-    the dynamic batcher hands several requests (any n: ragged) to one execution. No instance kind: Triton
-    places it (KIND_GPU fails without a GPU)."""
+    the dynamic batcher hands several requests (any n: ragged) to one execution. `gpus`: `instances` per GPU, each
+    running its graphs on its own device (triton_model reads model_instance_device_id)."""
     params = {"bundle": "bundle", "mode": mode, "cfg": repr(DEFAULT_CFG), "top_p": repr(DEFAULT_TOP_P)}
     extra = f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
     extra += "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
@@ -71,13 +80,14 @@ def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str
     return _config(ACTVAR, 'backend: "python"',
                    [_tensor("class_labels", "int64", [-1], ragged=True), _tensor("seed", "int64", [1]),
                     _tensor("cfg", "float32", [1], True), _tensor("top_p", "float32", [1], True)],
-                   [_tensor("images", "uint8", [-1, 256, 256, 3])], instances, extra, MAX_REQUESTS)
+                   [_tensor("images", "uint8", [-1, 256, 256, 3])], instances, extra, MAX_REQUESTS, gpus)
 
 
-def graph_config(name: str, gi: dict, precision: str, platform: str, instances: int, op_library: str = "") -> str:
+def graph_config(name: str, gi: dict, precision: str, platform: str, instances: int, op_library: str = "",
+                 gpus: Optional[Sequence[int]] = None) -> str:
     io = lambda kind: [_tensor(n, _PRECISION[precision] if t == "P" else t, s) for n, (t, s) in gi[kind].items()]
     extra = f"model_operations {{ op_library_filename: {json.dumps(op_library, ensure_ascii=False)} }}\n" if op_library else ""
-    return _config(name, f'platform: "{platform}"', io("inputs"), io("outputs"), instances, extra)
+    return _config(name, f'platform: "{platform}"', io("inputs"), io("outputs"), instances, extra, gpus=gpus)
 
 
 def _ort_ops_library(bundle_path: Path) -> Path:
@@ -100,7 +110,8 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
-                     force: bool = False) -> Path:
+                     force: bool = False, gpus: Optional[Sequence[int]] = None) -> Path:
+    """gpus: indices (from options.gpus) to place every model's instances on, `instances` per GPU; None: no kind."""
     from ..bundle import DIGESTS, MANIFEST, Bundle, sha256_file
     from ..fsutil import replace_dir, temp_dir
     out = Path(out)
@@ -110,6 +121,8 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
         raise ActVarError(f"--instances: {instances} must be at least 1")
     if max_queue_delay_us < 0:
         raise ActVarError(f"--max-queue-delay-us: {max_queue_delay_us} must be >= 0")
+    if gpus is not None and (not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus)):
+        raise ActVarError(f"--gpus: {list(gpus)} is not a list of distinct GPU indices >= 0")
     _check_target(out, force)
     b = Bundle.open(bundle_dir, verify=True)
     m = b.manifest
@@ -122,13 +135,13 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
             files[f"{ACTVAR}/1/bundle/{name}"] = b.path / name
         files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
         files[f"{ACTVAR}/1/bundle/{DIGESTS}"] = b.path / DIGESTS    # Bundle.open checks the manifest against it
-        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess")
+        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "inprocess", gpus)
     else:
         if m["precision"] == "bf16":
             raise ActVarError(f"{b.path}: a bf16 bundle has bf16 graph inputs, which the `actvar` model cannot feed "
                               f"through BLS (numpy has no bfloat16): build fp16 or fp32 for --backend {backend}")
         files[f"{ACTVAR}/1/bundle/{MANIFEST}"] = b.path / MANIFEST
-        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "bls")
+        configs[ACTVAR] = actvar_config(b.batch, instances, max_queue_delay_us, "bls", gpus)
         if backend == "onnxruntime":
             ops_lib = ""
             if m["lowering"] == "plugin":
@@ -140,7 +153,7 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
                 files[f"{name}/1/model.onnx"] = b.path / gi["file"]
                 files[f"{name}/1/weights.bin"] = b.path / "weights.bin"
                 uses = ops_lib if name.startswith("step_") else ""   # the decoder has no custom nodes
-                configs[name] = graph_config(name, gi, m["precision"], "onnxruntime_onnx", instances, uses)
+                configs[name] = graph_config(name, gi, m["precision"], "onnxruntime_onnx", instances, uses, gpus)
         else:
             from ..trt.engines import ENGINES_JSON
             ej = b.path / ENGINES_JSON
@@ -150,7 +163,7 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
                 raise ActVarError(f"{b.path}: no engine for {', '.join(missing)}: run `actvar-export engines --bundle {b.path}` first")
             for name, gi in m["graphs"].items():
                 files[f"{name}/1/model.plan"] = b.path / engines[name]["file"]
-                configs[name] = graph_config(name, gi, m["precision"], "tensorrt_plan", instances)
+                configs[name] = graph_config(name, gi, m["precision"], "tensorrt_plan", instances, gpus=gpus)
             files[ENGINES_JSON] = ej
             if m["lowering"] == "plugin":
                 from ..trt.plugin_library import LIBRARY_NAME, REGISTERED_BUILD_HINT, REGISTERED_NAME, registered_library_path
@@ -177,9 +190,37 @@ def write_repository(bundle_dir, out, backend: str = "python", instances: int = 
                                                          notes, str(out.resolve()), package_root()))
         (tmp / MARKER).write_text(json.dumps({"format": 1, "backend": backend, "bundle": str(b.path.resolve()),
                                               "manifest_sha256": sha256_file(b.path / MANIFEST),
-                                              "models": sorted(configs), "notes": notes}, indent=1))
+                                              "models": sorted(configs), "gpus": list(gpus) if gpus else None,
+                                              "notes": notes}, indent=1))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def placed_view(repo, gpus: Optional[Sequence[int]], target) -> Path:
+    """A view of a repository written by `triton`, in the new directory `target`, whose models' instances sit on
+    `gpus` (each model's count per GPU; None: no kind): config.pbtxt files rewritten, every other entry a link to
+    the repository, which stays as it is (`serve --gpus`)."""
+    repo, target = Path(repo).resolve(), Path(target)
+    if not (repo / MARKER).is_file():
+        raise ActVarError(f"--gpus: {repo} is not a model repository written by `actvar-export triton` (no {MARKER}): "
+                          f"place its instances in its config.pbtxt files instead")
+    target.mkdir()
+    for entry in sorted(repo.iterdir()):
+        config = entry / "config.pbtxt"
+        if not config.is_file():
+            (target / entry.name).symlink_to(entry)
+            continue
+        text, n = re.subn(r"^instance_group \[ \{ count: (\d+)\b[^\n]*\n",
+                          lambda m: instance_group(int(m.group(1)), gpus), config.read_text(), count=1, flags=re.M)
+        if not n:
+            raise ActVarError(f"{config}: no instance_group line as `actvar-export triton` writes it: write the "
+                              f"repository again")
+        (target / entry.name).mkdir()
+        (target / entry.name / "config.pbtxt").write_text(text)
+        for sub in entry.iterdir():
+            if sub.name != "config.pbtxt":
+                (target / entry.name / sub.name).symlink_to(sub)
+    return target

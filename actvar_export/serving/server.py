@@ -2,9 +2,9 @@
 
 With the nvidia-pytriton wheel's server (Triton 2.51, Python backend only) the models' Python is a small
 virtual environment with numpy<2 (2.51's Python backend corrupts tensors under numpy 2), made once in the
-cache directory; a .pth file there adds the project's source tree (when it runs from one) and this interpreter's
-site directories after its own, so the project and its dependencies import with that numpy (the stub's
-embedded interpreter ignores PYTHONPATH). A private backend directory links the wheel's
+cache directory; a .pth file there adds the project's source tree (when it runs from one), PYTHONPATH's
+directories and this interpreter's site directories after its own, so the project and its dependencies import
+with that numpy (the stub's embedded interpreter ignores PYTHONPATH). A private backend directory links the wheel's
 Python backend and the stub built for this Python.
 """
 from __future__ import annotations
@@ -78,11 +78,11 @@ def _atomic_dir(target: Path, make: Callable[[Path], None]) -> Path:
 
 def models_env(say: Callable[[str], None] = print) -> Path:
     """The models' virtual environment (numpy<2 + this interpreter's site directories); made on first use."""
-    # PYTHONPATH's directories too (e.g. a GPU build of onnxruntime installed with --target): the stub ignores it
-    extra = [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d]
+    root = package_root()   # the embedded interpreter ignores PYTHONPATH: a source tree goes into the .pth,
+    # and PYTHONPATH's directories (e.g. an onnxruntime-gpu installed with --target) before the site directories
+    extra = [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d and str(Path(d).resolve()) != root]
     dirs = [d for d in extra + site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
-            if Path(d).is_dir() and Path(d).resolve() != Path(package_root() or "/nonexistent").resolve()]
-    root = package_root()   # the embedded interpreter ignores PYTHONPATH: a source tree goes into the .pth
+            if Path(d).is_dir()]
     key = hashlib.sha256("\n".join([sys.executable, str(root)] + dirs).encode()).hexdigest()[:10]
     target = cache_dir() / f"models-py{sys.version_info[0]}.{sys.version_info[1]}-{key}"
 
@@ -235,8 +235,29 @@ class TritonServer:
 
 
 def serve(repo, http_port: Optional[int], grpc_port: Optional[int], say: Callable[[str], None] = print,
-          extra_args: Sequence[str] = ()) -> int:
-    """Run until Ctrl-C or SIGTERM; returns the server's exit status (0 on a clean stop)."""
+          extra_args: Sequence[str] = (), gpus: Optional[Sequence[int]] = None) -> int:
+    """Run until Ctrl-C or SIGTERM; returns the server's exit status (0 on a clean stop). gpus: serve a view of
+    the repository with every model's instances on these GPUs (repository.placed_view; removed at the end)."""
+    view = None
+    if gpus is not None:
+        from .repository import placed_view
+        TritonServer(repo)     # (checks --repo first)
+        from ..fsutil import temp_dir
+        view = temp_dir(cache_dir() / "repository-view")     # (a dead server's view is removed by the next)
+        try:
+            repo = placed_view(repo, gpus, view / "repo")
+        except BaseException:
+            shutil.rmtree(view, ignore_errors=True)
+            raise
+        say(f"instances on GPU {', '.join(map(str, gpus))}: serving {repo} (a view of the repository)")
+    try:
+        return _serve(repo, http_port, grpc_port, say, extra_args)
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
+
+
+def _serve(repo, http_port, grpc_port, say, extra_args) -> int:
     srv = TritonServer(repo, http_port, grpc_port, extra_args=extra_args, say=say)
     stopping = []
 

@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..errors import ActVarError
-from .generator import DEFAULT_CFG, DEFAULT_TOP_P, BundleGenerator, check_job, load_generator
+from .generator import DEFAULT_CFG, DEFAULT_TOP_P, BundleGenerator, check_job, instance_device, load_generator
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -68,7 +68,11 @@ class TritonPythonModel:
             manifest = json.loads((bundle / "manifest.json").read_text())
             self.gen = BundleGenerator(manifest["batch"], BlsBackend(manifest), "triton bls")
         else:
-            self.gen = load_generator(bundle, verify=False)   # CUDA where ONNX Runtime has it, else CPU
+            device, device_id = instance_device(args)
+            if device == "cuda":    # this instance's stub process serves this one GPU
+                import torch
+                torch.cuda.set_device(device_id)
+            self.gen = load_generator(bundle, device, verify=False, device_id=device_id)
 
     def execute(self, requests):
         """Every request (k rows of class_labels [k, n] + seed [k, 1]) becomes k jobs; all jobs of all
