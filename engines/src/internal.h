@@ -55,6 +55,7 @@ class Engine {
 public:
     virtual ~Engine() = default;
     virtual std::string describe() const = 0;
+    virtual std::string graph_report() const { return ""; }   // see Runtime::graph_report
     virtual void run(const int64_t* labels, const float* u_B680, float cfg, float top_p, float* image_B3HW,
                      int64_t* ids_B680) = 0;
 };

@@ -31,6 +31,7 @@ public:
 
     const BundleInfo& info() const override { return bundle_.info; }
     std::string describe() const override { return engine_->describe(); }
+    std::string graph_report() const override { return engine_->graph_report(); }
 
     void run_batch(const int64_t* labels, uint64_t seed, uint64_t first_image, float cfg, float top_p,
                    uint8_t* images_out, int64_t* ids_out) override {
