@@ -36,6 +36,7 @@ bool is_carried(const std::string& output) { return output == "x_next" || output
 }  // namespace
 
 void OrtEngine::open_cuda() {
+    cuda_ = open_cuda_device(opt_.device_id);   // first: a build without CUDA says so
     char** providers = nullptr;
     int n = 0;
     ort_check(api_.GetAvailableProviders(&providers, &n), "ONNX Runtime: providers");
@@ -45,7 +46,6 @@ void OrtEngine::open_cuda() {
     if (!has_cuda)
         throw Error(std::string("--device cuda: this ONNX Runtime (") + OrtGetApiBase()->GetVersionString() +
                     ") has no CUDA execution provider (a CPU-only build: link onnxruntime-gpu's library)");
-    cuda_ = open_cuda_device(opt_.device_id);
     ort_check(api_.CreateMemoryInfo("Cuda", OrtDeviceAllocator, opt_.device_id, OrtMemTypeDefault, &device_info_),
               "ONNX Runtime: CUDA memory info");
     {   // weights.bin, once, on the device

@@ -29,40 +29,48 @@ std::shared_ptr<OrtEnvironment> ort_environment() {
 }
 
 OrtEngine::OrtEngine(const Bundle& b, const Options& o) : bundle_(b), opt_(o), api_(ort_api()), env_(ort_environment()) {
-    ort_check(api_.CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &cpu_), "ONNX Runtime: memory info");
-    ort_check(api_.GetAllocatorWithDefaultOptions(&cpu_alloc_), "ONNX Runtime: allocator");
-    const bool plugin = b.info.lowering == "plugin";
-    if (plugin && opt_.custom_op_library.empty()) {
-        if (opt_.device == Device::Cuda)
-            throw Error("a plugin bundle on CUDA needs the project's custom-op library (--custom-op-library PATH)");
-        if (b.info.precision != "fp32")
-            throw Error("the CPU implementation of the plugin ops is float32 only: this bundle is " + b.info.precision +
-                        " (use --device cuda --custom-op-library PATH, or a portable bundle)");
-        domain_ = cpu_custom_op_domain();
-    }
-    if (opt_.device == Device::Cuda) {
-        open_cuda();
-    } else {
-        weights_ = std::make_unique<MappedFile>(b.file("weights.bin"));
-        weights_base_ = weights_->data();
-        weights_size_ = weights_->size();
-        const int B = b.info.batch;
-        labels_.resize(B);
-        host_input("labels", labels_.data(), labels_.size() * 8, {B}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
-        host_input("cfg", &cfg_, 4, {1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-        host_input("top_p", &top_p_, 4, {1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-        for (int si = 0; si < kNumScales; ++si) {
-            const int l = kPatchNums[si] * kPatchNums[si];
-            u_[si].resize(size_t(B) * l);
-            host_input("u" + std::to_string(si), u_[si].data(), u_[si].size() * 4, {B, l}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    try {
+        ort_check(api_.CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &cpu_), "ONNX Runtime: memory info");
+        ort_check(api_.GetAllocatorWithDefaultOptions(&cpu_alloc_), "ONNX Runtime: allocator");
+        const bool plugin = b.info.lowering == "plugin";
+        if (plugin && opt_.custom_op_library.empty()) {
+            if (opt_.device == Device::Cuda)
+                throw Error("a plugin bundle on CUDA needs the project's custom-op library (--custom-op-library PATH)");
+            if (b.info.precision != "fp32")
+                throw Error("the CPU implementation of the plugin ops is float32 only: this bundle is " + b.info.precision +
+                            " (use --device cuda --custom-op-library PATH, or a portable bundle)");
+            domain_ = cpu_custom_op_domain();
         }
+        if (opt_.device == Device::Cuda) {
+            open_cuda();
+        } else {
+            weights_ = std::make_unique<MappedFile>(b.file("weights.bin"));
+            weights_base_ = weights_->data();
+            weights_size_ = weights_->size();
+            const int B = b.info.batch;
+            labels_.resize(B);
+            host_input("labels", labels_.data(), labels_.size() * 8, {B}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+            host_input("cfg", &cfg_, 4, {1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+            host_input("top_p", &top_p_, 4, {1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+            for (int si = 0; si < kNumScales; ++si) {
+                const int l = kPatchNums[si] * kPatchNums[si];
+                u_[si].resize(size_t(B) * l);
+                host_input("u" + std::to_string(si), u_[si].data(), u_[si].size() * 4, {B, l}, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+            }
+        }
+        graphs_.reserve(kNumScales + 1);
+        for (int gi = 0; gi <= kNumScales; ++gi) load(gi < kNumScales ? "step_" + std::to_string(gi) : "decoder");
+        if (cuda_) plan_cuda();
+        else wire_cpu();
+    } catch (...) {   // what was created so far, released as the destructor would
+        release();
+        throw;
     }
-    for (int gi = 0; gi <= kNumScales; ++gi) graphs_.push_back(load(gi < kNumScales ? "step_" + std::to_string(gi) : "decoder"));
-    if (cuda_) plan_cuda();
-    else wire_cpu();
 }
 
-OrtEngine::~OrtEngine() {
+OrtEngine::~OrtEngine() { release(); }
+
+void OrtEngine::release() {
     for (OrtGraph& g : graphs_) {
         if (g.binding) api_.ReleaseIoBinding(g.binding);
         g.bound_in.clear();
@@ -78,6 +86,8 @@ OrtEngine::~OrtEngine() {
     if (domain_) api_.ReleaseCustomOpDomain(domain_);
     if (device_info_) api_.ReleaseMemoryInfo(device_info_);
     if (cpu_) api_.ReleaseMemoryInfo(cpu_);
+    graphs_.clear();
+    run_options_ = nullptr, so_ = so_graph_ = nullptr, domain_ = nullptr, device_info_ = cpu_ = nullptr;
     cuda_.reset();   // the device memory the sessions used, after them
 }
 
@@ -157,8 +167,9 @@ OrtStatus* OrtEngine::create_session(OrtGraph& g, const std::vector<const char*>
     return st;
 }
 
-OrtGraph OrtEngine::load(const std::string& name) {
-    OrtGraph g;
+// Graph `name` appended to graphs_ (released with the engine, also when loading it fails half-way).
+void OrtEngine::load(const std::string& name) {
+    OrtGraph& g = graphs_.emplace_back();
     g.name = name;
     g.path = bundle_.file(bundle_.graphs.at(name).file);
     const std::string& path = g.path;
@@ -219,7 +230,6 @@ OrtGraph OrtEngine::load(const std::string& name) {
             g.outs.push_back(std::move(v));
         }
     }
-    return g;
 }
 
 std::string OrtEngine::take_name(OrtStatus* st) {

@@ -70,10 +70,11 @@ public:
     void run(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids) override;
 
 private:
+    void release();   // every ONNX Runtime object and the device memory, sessions first
     OrtSessionOptions* base_options(bool cuda_graph);
     OrtStatus* create_session(OrtGraph& g, const std::vector<const char*>& names,
                               const std::vector<const OrtValue*>& values, bool cuda_graph);
-    OrtGraph load(const std::string& name);
+    void load(const std::string& name);
     std::string take_name(OrtStatus* st);
     void check_shape(const std::string& path, const std::string& graph, const std::string& out,
                      const std::vector<int64_t>& dims);
