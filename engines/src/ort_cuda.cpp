@@ -171,7 +171,7 @@ void OrtEngine::plan_cuda() {
     }
 }
 
-void OrtEngine::run_cuda(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids) {
+const float* OrtEngine::run_cuda(const int64_t* labels, const float* u, float cfg, float top_p, int64_t* ids) {
     const int B = bundle_.info.batch;
     const size_t per_u = size_t(B) * kTotalTokens, image_n = size_t(B) * 3 * kImageSize * kImageSize;
     // this batch's inputs, staged in pinned memory; u in the bound layout: scale by scale, each B x l row-major
@@ -206,13 +206,13 @@ void OrtEngine::run_cuda(const int64_t* labels, const float* u, float cfg, float
     if (ids) cuda_->download(ids_h, ids_d_, per_u * 8);
     cuda_->download(image_h, pool_.at("image"), image_n * 4);
     cuda_->synchronize(bundle_.info.path + ": ONNX Runtime CUDA run");
-    std::copy(image_h, image_h + image_n, image);
     if (ids)
         for (int si = 0; si < kNumScales; ++si) {
             const int a = scale_begin(si), l = kPatchNums[si] * kPatchNums[si];
             for (int b = 0; b < B; ++b)
                 std::memcpy(ids + size_t(b) * kTotalTokens + a, ids_h + size_t(B) * a + size_t(b) * l, size_t(l) * 8);
         }
+    return image_h;
 }
 
 std::string OrtEngine::graph_report() const {

@@ -95,12 +95,11 @@ std::string OrtEngine::describe() const {
     return std::string("onnxruntime ") + OrtGetApiBase()->GetVersionString() + (cuda_ ? " cuda" : " cpu");
 }
 
-void OrtEngine::run(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids) {
-    if (cuda_) run_cuda(labels, u, cfg, top_p, image, ids);
-    else run_cpu(labels, u, cfg, top_p, image, ids);
+const float* OrtEngine::run(const int64_t* labels, const float* u, float cfg, float top_p, int64_t* ids) {
+    return cuda_ ? run_cuda(labels, u, cfg, top_p, ids) : run_cpu(labels, u, cfg, top_p, ids);
 }
 
-void OrtEngine::run_cpu(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids) {
+const float* OrtEngine::run_cpu(const int64_t* labels, const float* u, float cfg, float top_p, int64_t* ids) {
     const int B = bundle_.info.batch;
     std::copy(labels, labels + B, labels_.begin());
     cfg_ = cfg;
@@ -125,7 +124,7 @@ void OrtEngine::run_cpu(const int64_t* labels, const float* u, float cfg, float 
     void* img = nullptr;
     ort_check(api_.GetTensorMutableData(graphs_.back().outs[graphs_.back().out_index("image")]->v, &img),
               "ONNX Runtime: tensor data");
-    std::copy(static_cast<float*>(img), static_cast<float*>(img) + size_t(B) * 3 * kImageSize * kImageSize, image);
+    return static_cast<const float*>(img);
 }
 
 void OrtEngine::host_input(const std::string& key, void* p, size_t bytes, std::vector<int64_t> shape,

@@ -67,7 +67,7 @@ public:
     ~OrtEngine() override;
     std::string describe() const override;
     std::string graph_report() const override;
-    void run(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids) override;
+    const float* run(const int64_t* labels, const float* u, float cfg, float top_p, int64_t* ids) override;
 
 private:
     void release();   // every ONNX Runtime object and the device memory, sessions first
@@ -81,14 +81,14 @@ private:
     // CPU path (ort_engine.cpp)
     void host_input(const std::string& key, void* p, size_t bytes, std::vector<int64_t> shape, ONNXTensorElementDataType t);
     void wire_cpu();
-    void run_cpu(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids);
+    const float* run_cpu(const int64_t* labels, const float* u, float cfg, float top_p, int64_t* ids);
     // CUDA path (ort_cuda.cpp)
     void open_cuda();
     void append_cuda_provider(OrtSessionOptions* so, bool cuda_graph);
     void plan_cuda();
     std::unique_ptr<OwnedValue> device_view(const OrtGraph& g, const std::string& name, void* p,
                                             ONNXTensorElementDataType t, const std::vector<int64_t>& dims);
-    void run_cuda(const int64_t* labels, const float* u, float cfg, float top_p, float* image, int64_t* ids);
+    const float* run_cuda(const int64_t* labels, const float* u, float cfg, float top_p, int64_t* ids);
 
     const Bundle bundle_;
     Options opt_;
