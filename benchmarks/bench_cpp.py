@@ -22,6 +22,19 @@ from pathlib import Path
 import numpy as np
 
 
+def cuda_library_dirs() -> list:
+    """Directories of the NVIDIA libraries this process has mapped (after the Python runtime ran on CUDA: the
+    CUDA runtime, cuBLAS, cuDNN, ... of the nvidia wheels), for actvar-run's LD_LIBRARY_PATH: its ONNX Runtime
+    CUDA provider needs the same libraries and, unlike Python (torch loads them first), finds them only there."""
+    dirs = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split(None, 5)[5] if len(line.split(None, 5)) == 6 else ""
+        d = str(Path(path).parent)
+        if "/nvidia/" in path and ".so" in Path(path).name and d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actvar-run", required=True)
@@ -69,13 +82,14 @@ def main():
         py_ips = B / float(np.median(times))
         py_graphs = backend.graph_report()
         del backend
+        lib_path = ":".join(cuda_library_dirs() + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p])
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             cmd = [a.actvar_run, "--bundle", str(bpath), "--classes", ",".join(map(str, labels)), "--seed", str(a.seed),
                    "--cfg", "1.5", "--top-p", "0.96", "--device", "cuda", "--iters", str(a.iters), "--warmup", "2",
                    "--out", f"{tmp}/g.png", "--ids", f"{tmp}/ids.npy"]
             if a.custom_op_library:
                 cmd += ["--custom-op-library", a.custom_op_library]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=lib_path))
             if r.returncode:
                 print(r.stderr, file=sys.stderr)
                 return 1
