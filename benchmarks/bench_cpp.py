@@ -1,5 +1,9 @@
 """C++ runtime (`actvar-run`, engines/) against the Python runtime on the same bundle and GPU: sampled ids
-identical for the same classes and seed, and images/second (median) at each batch. Prints a table, writes JSON.
+identical for the same classes and seed, and images/second at each batch. Both sides are timed in-process over
+the same number of generations after two untimed ones (CUDA graph capture): the Python runtime's `generate`,
+and actvar-run's own median ms per generation (`--iters N --warmup 2`, its last stdout line, JSON), which also
+covers its noise and uint8 conversion but neither process start-up nor session creation. Prints a table, writes
+JSON.
 
     python3 benchmarks/bench_cpp.py --actvar-run build/engines/actvar-run --depth 16 --precision fp16 \
         --lowering portable --batches 1,16 --json $OUT/bench_cpp.json [--custom-op-library LIB]
@@ -7,7 +11,8 @@ identical for the same classes and seed, and images/second (median) at each batc
 from __future__ import annotations
 
 import argparse
-import re
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,6 +20,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def cuda_library_dirs() -> list:
+    """Directories of the NVIDIA libraries this process has mapped (after the Python runtime ran on CUDA: the
+    CUDA runtime, cuBLAS, cuDNN, ... of the nvidia wheels), for actvar-run's LD_LIBRARY_PATH: its ONNX Runtime
+    CUDA provider needs the same libraries and, unlike Python (torch loads them first), finds them only there."""
+    dirs = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split(None, 5)[5] if len(line.split(None, 5)) == 6 else ""
+        d = str(Path(path).parent)
+        if "/nvidia/" in path and ".so" in Path(path).name and d not in dirs:
+            dirs.append(d)
+    return dirs
 
 
 def main():
@@ -36,9 +54,12 @@ def main():
     from actvar_export.checkpoint import save_atomic
     from actvar_export.fsutil import write_json_atomic
     from actvar_export.init import init_checkpoint
+    from actvar_export.runtime.custom_ops import ENV_VAR
     from actvar_export.runtime.ort_runtime import Runtime
     from actvar_export.sampling import noise_for
 
+    if a.custom_op_library:    # the Python runtime finds the same library through its environment variable
+        os.environ[ENV_VAR] = a.custom_op_library
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ck = work / f"d{a.depth}.pt"
@@ -59,23 +80,27 @@ def main():
             backend.generate(lab, u, 1.5, 0.96)
             times.append(time.perf_counter() - t)
         py_ips = B / float(np.median(times))
+        py_graphs = backend.graph_report()
         del backend
+        lib_path = ":".join(cuda_library_dirs() + [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p])
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             cmd = [a.actvar_run, "--bundle", str(bpath), "--classes", ",".join(map(str, labels)), "--seed", str(a.seed),
-                   "--cfg", "1.5", "--top-p", "0.96", "--device", "cuda", "--iters", str(a.iters),
+                   "--cfg", "1.5", "--top-p", "0.96", "--device", "cuda", "--iters", str(a.iters), "--warmup", "2",
                    "--out", f"{tmp}/g.png", "--ids", f"{tmp}/ids.npy"]
             if a.custom_op_library:
                 cmd += ["--custom-op-library", a.custom_op_library]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=lib_path))
             if r.returncode:
                 print(r.stderr, file=sys.stderr)
                 return 1
             cpp_ids = np.load(f"{tmp}/ids.npy")
-        cpp_ips = float(re.search(r"\(([\d.]+) images/s", r.stdout).group(1))
+        timing = json.loads(r.stdout.strip().splitlines()[-1])
+        cpp_ips = B / (timing["median_ms"] / 1e3)
         same = bool(np.array_equal(cpp_ids, np.concatenate([np.asarray(i).reshape(B, -1) for i in ids], axis=1)))
         status |= not same or cpp_ips < py_ips
         rows.append({"batch": B, "ids_identical": same, "cpp_images_per_s": cpp_ips, "python_images_per_s": py_ips,
-                     "python_seconds_per_batch": times, "actvar_run": r.stdout.strip()})
+                     "python_seconds_per_batch": times, "cpp_median_ms": timing["median_ms"],
+                     "cpp_cuda_graphs": timing["cuda_graphs"], "python_cuda_graphs": py_graphs})
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown",
            "onnxruntime": ort.__version__, "depth": a.depth, "precision": a.precision, "lowering": a.lowering,
            "seed": a.seed, "iters": a.iters, "rows": rows}
@@ -84,6 +109,7 @@ def main():
     print(f"\n{'d%d %s %s on %s' % (a.depth, a.precision, a.lowering, res['device']):<40} {'ids same':>9} {'C++ img/s':>10} {'Python img/s':>12}")
     for r in rows:
         print(f"{'batch %d' % r['batch']:<40} {str(r['ids_identical']):>9} {r['cpp_images_per_s']:>10.2f} {r['python_images_per_s']:>12.2f}")
+        print(f"  C++ {r['cpp_cuda_graphs']}\n  Python {r['python_cuda_graphs']}")
     return int(status)
 
 

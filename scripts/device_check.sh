@@ -242,25 +242,37 @@ section_ortops() {
 
 section_cpp() {
     # engines/ (actvar-run) on the GPU against the Python runtime: ids identical, images/s at batch 1 and 16,
-    # d16 fp16 portable, then plugin (needs ACTVAR_ORT_OPS_LIB, the project's ONNX Runtime custom-op library).
-    # Uses the onnxruntime-gpu wheel of section ort (/tmp/site) for both sides.
-    echo "== cpp: engines/ build + actvar-run vs the Python runtime"
-    [ -d /tmp/site/onnxruntime ] || { echo "no /tmp/site/onnxruntime: run section ort first"; return 1; }
-    local b=$ROOT/build/engines_gpu rc=0
-    cmake -S engines -B "$b" -DONNXRUNTIME_INCLUDE_DIR="$ROOT/../shared/sdk/onnxruntime-1.29/include" \
-        -DONNXRUNTIME_LIB_DIR=/tmp/site/onnxruntime/capi -DTensorRT_INCLUDE_DIR="$ROOT/../shared/sdk/tensorrt-11.1/include" \
-        > "$OUT/cpp_build.log" 2>&1 && cmake --build "$b" -j "$(nproc)" >> "$OUT/cpp_build.log" 2>&1 || { tail -20 "$OUT/cpp_build.log"; return 1; }
+    # d16 fp16 portable, then plugin (the project's ONNX Runtime custom-op library: ACTVAR_ORT_OPS_LIB, else built
+    # here as section ortops does). Uses the onnxruntime-gpu wheel of section ort (/tmp/site) for both sides.
+    # Headers: ../shared does not travel to the device; ONNXRUNTIME_INCLUDE_DIR / ACTVAR_TRT_INCLUDE, else the
+    # copies carried inside the checkout (.sdk/onnxruntime-1.29/include, .sdk/tensorrt-11.1/include).
+    local ort_inc=${ONNXRUNTIME_INCLUDE_DIR:-$ROOT/.sdk/onnxruntime-1.29/include}
+    local trt_inc=${ACTVAR_TRT_INCLUDE:-$ROOT/.sdk/tensorrt-11.1/include}
+    local b=$ROOT/build/engines_gpu rc=0 ops=${ACTVAR_ORT_OPS_LIB:-}
+    echo "== cpp: engines/ build + actvar-run vs the Python runtime (headers $ort_inc, $trt_inc)"
+    [ -f "$ort_inc/onnxruntime_c_api.h" ] || { echo "no onnxruntime_c_api.h in $ort_inc"; return 1; }
+    [ -f "$trt_inc/NvInferRuntime.h" ] || { echo "no NvInferRuntime.h in $trt_inc"; return 1; }
+    ort_gpu_site || return 1
+    cmake -S engines -B "$b" -DONNXRUNTIME_INCLUDE_DIR="$ort_inc" -DONNXRUNTIME_LIB_DIR=/tmp/site/onnxruntime/capi \
+        -DTensorRT_INCLUDE_DIR="$trt_inc" > "$OUT/cpp_build.log" 2>&1 && cmake --build "$b" -j "$(nproc)" >> "$OUT/cpp_build.log" 2>&1 ||
+        { tail -20 "$OUT/cpp_build.log"; return 1; }
+    if [ -z "$ops" ]; then
+        cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+            -DONNXRUNTIME_INCLUDE_DIR="$ort_inc" >> "$OUT/cpp_build.log" 2>&1 &&
+            cmake --build "$BUILD" -j "$(nproc)" --target actvar_ort_ops >> "$OUT/cpp_build.log" 2>&1 &&
+            ops=$BUILD/ort/libactvar_ort_ops.so || echo "!! libactvar_ort_ops.so did not build (see cpp_build.log)"
+    fi
     PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_cpp.py --actvar-run "$b/actvar-run" --lowering portable \
         --workdir "/tmp/cppbench_$$" --json "$OUT/bench_cpp_portable.json" > "$OUT/bench_cpp.log" 2>&1 || rc=1
-    if [ -n "${ACTVAR_ORT_OPS_LIB:-}" ]; then
+    if [ -n "$ops" ]; then
         PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_cpp.py --actvar-run "$b/actvar-run" --lowering plugin \
-            --custom-op-library "$ACTVAR_ORT_OPS_LIB" --workdir "/tmp/cppbench_$$" --json "$OUT/bench_cpp_plugin.json" \
+            --custom-op-library "$ops" --workdir "/tmp/cppbench_$$" --json "$OUT/bench_cpp_plugin.json" \
             >> "$OUT/bench_cpp.log" 2>&1 || rc=1
     else
-        echo "plugin bundles: skipped (set ACTVAR_ORT_OPS_LIB to the ONNX Runtime custom-op library)"
+        rc=1
     fi
     rm -rf "/tmp/cppbench_$$"
-    tail -12 "$OUT/bench_cpp.log"
+    grep -E "^(d16|batch|  C\+\+|  Python|Error|Traceback)" "$OUT/bench_cpp.log"; tail -3 "$OUT/bench_cpp.log"
     return $rc
 }
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,31 @@ def test_bad_options_one_error_line(build_dir, bundle, tmp_path):
     assert not (tmp_path / "g.png").exists()
 
 
+def test_timing_line_is_in_process_median(build_dir, bundle, tmp_path):
+    """--iters N --warmup W: the last stdout line is JSON with the median ms of the N timed generations (the
+    process's start-up and session creation excluded); the images are those of a plain run."""
+    if Path(bundle).name != "portable":
+        pytest.skip("one lowering is enough for the CLI's timing")
+    t0 = time.perf_counter()
+    r = actvar_run(build_dir, "--bundle", bundle, "--classes", "4,5", "--seed", 9, "--iters", 3, "--warmup", 1,
+                   "--no-cuda-graphs", "--out", tmp_path / "g.png", "--raw", tmp_path / "timed.npy")
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""      # no CUDA graph line on the CPU
+    t = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (t["images"], t["batch"], t["warmup"], t["iters"]) == (2, 2, 1, 3)
+    assert t["runtime"].startswith("onnxruntime ") and t["runtime"].endswith(" cpu") and t["cuda_graphs"] == ""
+    assert 0 < t["median_ms"] and t["median_ms"] * 1e-3 * (1 + 3) < wall     # 4 generations fit in the process
+    assert t["images_per_s"] == pytest.approx(2 / (t["median_ms"] * 1e-3), rel=1e-9)
+    r = actvar_run(build_dir, "--bundle", bundle, "--classes", "4,5", "--seed", 9, "--out", tmp_path / "g1.png",
+                   "--raw", tmp_path / "plain.npy")
+    assert r.returncode == 0, r.stderr
+    assert "{" not in r.stdout           # no timing line without --iters
+    assert np.array_equal(np.load(tmp_path / "timed.npy"), np.load(tmp_path / "plain.npy"))
+    assert_error_line(actvar_run(build_dir, "--bundle", bundle, "--classes", "1", "--seed", 0, "--warmup", 1,
+                                 "--out", tmp_path / "g2.png"), "--warmup")
+
+
 def test_tensorrt_backend_fails_cleanly_without_tensorrt(build_dir, bundle, tmp_path):
     if not shutil.which("nvcc"):
         pytest.skip("built without the TensorRT backend (no CUDA toolkit)")
@@ -181,17 +207,22 @@ def test_tensorrt_backend_fails_cleanly_without_tensorrt(build_dir, bundle, tmp_
 
 def test_address_sanitizer_cpu_run(bundle, tmp_path_factory, tmp_path):
     """The CPU path (plugin bundles: the C++ custom-op kernels too) under ASan + UBSan: no error reports.
-    Leaks inside ONNX Runtime's own library are suppressed; the runtime's are not."""
+    Leaks inside ONNX Runtime's own library are suppressed; the runtime's are not. The build is the CPU-only one
+    (no CUDA runtime linked), whose --device cuda fails with one line."""
     if Path(bundle).name != "plugin":
         pytest.skip("one ASan run: the plugin bundle exercises every C++ path of the CPU backend")
     build = _build(tmp_path_factory.mktemp("engines_asan"), "-DACTVAR_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug",
-                   "-DACTVAR_WITH_TENSORRT=OFF")
+                   "-DACTVAR_WITH_TENSORRT=OFF", "-DACTVAR_WITH_CUDA=OFF")
     supp = tmp_path / "lsan.supp"
     supp.write_text("leak:libonnxruntime\n")
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=66",
-               LSAN_OPTIONS=f"suppressions={supp}", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=67")
+               LSAN_OPTIONS=f"suppressions={supp}:print_suppressions=0", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=67")
     r = actvar_run(build, "--bundle", bundle, "--classes", "3", "--seed", "5", "--out", tmp_path / "g.png",
                    "--raw", tmp_path / "a.npy", env=env)
     assert r.returncode == 0, r.stderr[-6000:]
     assert "ERROR: AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr[-6000:]
     assert np.load(tmp_path / "a.npy").shape == (1, 256, 256, 3)
+    # this build is CPU-only: the CUDA path ends with one error line naming the build
+    r = actvar_run(build, "--bundle", bundle, "--classes", "3", "--seed", 5, "--device", "cuda", "--custom-op-library",
+                   tmp_path / "none.so", "--out", tmp_path / "g2.png", env=env)
+    assert_error_line(r, "--device cuda", "without the CUDA toolkit")

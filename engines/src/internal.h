@@ -49,14 +49,14 @@ private:
 std::string sha256_file(const std::string& path);
 std::vector<uint8_t> read_file(const std::string& path);
 
-// One batch through the 10 steps and the decoder: u_B680 row-major batch x 680; image_B3HW float in [0, 1]
-// before clamping (the decoder's output); ids_B680 optional.
+// One batch through the 10 steps and the decoder: u_B680 row-major batch x 680; ids_B680 optional. Returns the
+// decoder's output image_B3HW (float, [0, 1] before clamping) in host memory of the engine, valid until the next run.
 class Engine {
 public:
     virtual ~Engine() = default;
     virtual std::string describe() const = 0;
-    virtual void run(const int64_t* labels, const float* u_B680, float cfg, float top_p, float* image_B3HW,
-                     int64_t* ids_B680) = 0;
+    virtual std::string graph_report() const { return ""; }   // see Runtime::graph_report
+    virtual const float* run(const int64_t* labels, const float* u_B680, float cfg, float top_p, int64_t* ids_B680) = 0;
 };
 
 std::unique_ptr<Engine> make_ort_engine(const Bundle& bundle, const Options& options);

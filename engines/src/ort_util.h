@@ -3,6 +3,7 @@
 
 #include <onnxruntime_c_api.h>
 
+#include <algorithm>
 #include <string>
 
 #include "internal.h"
@@ -11,14 +12,17 @@ namespace actvar {
 
 const OrtApi& ort_api();   // throws Error when the loaded runtime is older than the headers
 
-// Turns an OrtStatus into an Error with a context line; frees the status.
-inline void ort_check(OrtStatus* st, const std::string& what) {
-    if (!st) return;
+// The first line of an OrtStatus's message (at most 400 characters); frees the status.
+inline std::string ort_message(OrtStatus* st) {
     const OrtApi& api = ort_api();
     std::string msg = api.GetErrorMessage(st);
     api.ReleaseStatus(st);
-    const size_t nl = msg.find('\n');
-    throw Error(what + " (" + msg.substr(0, nl == std::string::npos ? 400 : std::min<size_t>(nl, 400)) + ")");
+    return msg.substr(0, std::min<size_t>(msg.find('\n'), 400));
+}
+
+// Turns an OrtStatus into an Error with a context line.
+inline void ort_check(OrtStatus* st, const std::string& what) {
+    if (st) throw Error(what + " (" + ort_message(st) + ")");
 }
 
 // The CPU implementations of the plugin lowering's custom ops (domain "actvar"), registered on a session's

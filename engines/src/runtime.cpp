@@ -1,6 +1,5 @@
 // The canonical noise (design §3.1) and the Runtime: a checked bundle plus one Engine (backend).
 #include <algorithm>
-#include <cmath>
 
 #include "internal.h"
 
@@ -25,12 +24,11 @@ namespace {
 class RuntimeImpl final : public Runtime {
 public:
     RuntimeImpl(Bundle bundle, std::unique_ptr<Engine> engine)
-        : bundle_(std::move(bundle)), engine_(std::move(engine)),
-          u_(size_t(bundle_.info.batch) * kTotalTokens),
-          image_(size_t(bundle_.info.batch) * 3 * kImageSize * kImageSize) {}
+        : bundle_(std::move(bundle)), engine_(std::move(engine)), u_(size_t(bundle_.info.batch) * kTotalTokens) {}
 
     const BundleInfo& info() const override { return bundle_.info; }
     std::string describe() const override { return engine_->describe(); }
+    std::string graph_report() const override { return engine_->graph_report(); }
 
     void run_batch(const int64_t* labels, uint64_t seed, uint64_t first_image, float cfg, float top_p,
                    uint8_t* images_out, int64_t* ids_out) override {
@@ -39,21 +37,29 @@ public:
             if (labels[b] < 0 || labels[b] >= 1000)
                 throw Error("class " + std::to_string(labels[b]) + " is not an ImageNet id (0..999)");
         noise(seed, first_image, B, u_.data());
-        engine_->run(labels, u_.data(), cfg, top_p, image_.data(), ids_out);
-        // NCHW float -> NHWC uint8 as actvar_export.images.to_uint8: clamp to [0, 1], x 255 in float32,
-        // round half to even (the default rounding mode), like torch.round
-        for (int b = 0; b < B; ++b)
-            for (int c = 0; c < 3; ++c)
-                for (int i = 0; i < HW; ++i) {
-                    const float x = std::min(std::max(image_[(size_t(b) * 3 + c) * HW + i], 0.0f), 1.0f) * 255.0f;
-                    images_out[(size_t(b) * HW + i) * 3 + c] = uint8_t(std::nearbyint(x));
-                }
+        const float* image = engine_->run(labels, u_.data(), cfg, top_p, ids_out);
+        // NCHW float -> NHWC uint8 as actvar_export.images.to_uint8: clamp to [0, 1], x 255 in float32, round half
+        // to even like torch.round (adding and subtracting 1.5 * 2^23 rounds a float below 2^22 to an integer in the
+        // default rounding mode, as std::nearbyint, in a loop the compiler vectorises)
+        auto to_u8 = [](float v) {
+            const float x = std::min(std::max(v, 0.0f), 1.0f) * 255.0f;
+            return uint8_t((x + 0x1.8p23f) - 0x1.8p23f);
+        };
+        for (int b = 0; b < B; ++b) {
+            const float* r = image + size_t(b) * 3 * HW;
+            uint8_t* o = images_out + size_t(b) * 3 * HW;
+            for (int i = 0; i < HW; ++i) {
+                o[3 * i] = to_u8(r[i]);
+                o[3 * i + 1] = to_u8(r[HW + i]);
+                o[3 * i + 2] = to_u8(r[2 * HW + i]);
+            }
+        }
     }
 
 private:
     Bundle bundle_;
     std::unique_ptr<Engine> engine_;
-    std::vector<float> u_, image_;   // allocated once
+    std::vector<float> u_;   // allocated once
 };
 }  // namespace
 

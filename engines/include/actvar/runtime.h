@@ -38,6 +38,7 @@ struct Options {
     std::string custom_op_library;   // ONNX Runtime: the project's custom-op library (plugin bundles on CUDA)
     std::string trt_plugin_library;  // TensorRT: the project's plugin library (plugin bundles)
     bool verify_digests = true;      // sha256 of every file against manifest.json before anything runs
+    bool cuda_graphs = true;         // ONNX Runtime on CUDA: each graph as a CUDA graph where ONNX Runtime can capture it
 };
 
 struct BundleInfo {
@@ -52,6 +53,9 @@ public:
 
     virtual const BundleInfo& info() const = 0;
     virtual std::string describe() const = 0;   // backend and device, e.g. "onnxruntime cpu"
+    // ONNX Runtime on CUDA: one line saying which graphs run as CUDA graphs (and why others do not), e.g.
+    // "CUDA graphs: 11/11 graphs (step_0, ..., decoder)"; empty elsewhere.
+    virtual std::string graph_report() const = 0;
 
     // One batch of exactly info().batch images; image i uses u of request image first_image + i.
     // images_out: batch x 256 x 256 x 3 uint8; ids_out (optional): batch x kTotalTokens sampled ids.
