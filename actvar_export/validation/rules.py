@@ -204,8 +204,8 @@ def check_ids(si: int, got_idx: np.ndarray, got_logits: np.ndarray, ref_logits: 
         p = torch.softmax(r, -1).numpy()
         kth = -np.sort(-ref_logits, -1)[..., top_k - 1:top_k] if top_k else np.full(delta.shape + (1,), -np.inf)
         near = np.abs(ref_logits - kth) <= delta[..., None]
-        allowed = (c * (1 - c) * np.expm1(2 * delta) + (p * near).sum(-1) / np.maximum((p * (ref_logits >= kth)).sum(-1), 1e-30)
-                   + near_top_p_mass(ref_logits, top_k, top_p, delta))
+        allowed = c * (1 - c) * np.expm1(2 * delta) + (p * near).sum(-1) / np.maximum((p * (ref_logits >= kth)).sum(-1), 1e-30)
+        allowed[d] += near_top_p_mass(ref_logits[d], top_k, top_p, delta[d])     # (rows that differ only)
         fb.differing = int(d.sum())
         bad = d & (dist > allowed)
         fb.max_margin = float((dist[d] / np.maximum(allowed[d], 1e-30)).max())
