@@ -325,3 +325,28 @@ def test_end_to_end_first_divergence_must_pass_the_id_rule(bundles, models, logi
         assert not first["explained"]
         assert rep.end_to_end_failures and all(f.startswith(f"end to end: scale {si} idx:") for f in rep.end_to_end_failures), \
             rep.end_to_end_failures
+
+
+def test_sampled_id_moved_by_a_top_p_membership_flip():
+    """Reference probabilities .40 .25 .15 .08 .06 .04 .02 (vocabulary order), top-p cut 1 - top_p = 0.12 - e:
+    the id of mass .06 is kept with tail mass 0.12, e above the cut. The bundle's logits differ by d = 1e-3 and
+    drop it, so its CDF renormalises over .88 and u = 0.44 picks id 0 where the reference picks id 1 (u lies
+    0.0145 of mass past id 0's edge, far more than d moves an edge). With e at half of what d can move the
+    tail mass, T(1-T)(e^(2d)-1), the flip is explained by the top-p term; at 10x it fails."""
+    import math
+    from actvar_export.sampling import sample_noise
+    from actvar_export.validation.rules import check_ids
+    tol = Tolerances("fp32", 128, 2)
+    probs = np.array([0.40, 0.25, 0.15, 0.08, 0.06, 0.04, 0.02])
+    ref = np.log(probs)[None, None]
+    d, u = 1e-3, np.array([[0.44]], np.float32)
+    band = 0.12 * 0.88 * math.expm1(2 * d)
+    got_logits = (ref + np.where(np.arange(7) == 4, -d, d)).astype(np.float32)
+    for factor, ok in ((0.5, True), (10.0, False)):
+        top_p = 1 - (0.12 - factor * band)
+        assert sample_noise(torch.from_numpy(ref).float(), torch.from_numpy(u), 0, top_p).item() == 1
+        got_idx = sample_noise(torch.from_numpy(ref).float(), torch.from_numpy(u), 0, 1 - 0.1201).numpy()  # id 4 dropped
+        assert got_idx.item() == 0
+        fb = check_ids(4, got_idx, got_logits, ref, u, 0, top_p, tol)[1]
+        assert fb.differing == 1
+        assert (fb.failures == []) is ok, (factor, fb.failures)

@@ -145,22 +145,21 @@ def cdf_edges(logits: torch.Tensor, top_k: int, top_p: float):
 
 def near_top_p_mass(ref_logits: np.ndarray, top_k: int, top_p: float, delta: np.ndarray) -> np.ndarray:
     """Per row, the mass (normalised over the ids the reference keeps) of the ids whose top-p membership a logit
-    change of at most delta can flip. The sampler removes an id when the tail mass T of it and every smaller
-    survivor is <= 1 - top_p; delta moves T by at most T(1-T)(e^(2 delta)-1), and reorders ids whose logits lie
-    within 2 delta of the logits at the cut."""
-    if top_p <= 0:
+    change of at most delta can flip. The sampler removes an id while the tail mass T of it and every smaller
+    survivor is <= 1 - top_p. delta moves T by at most T(1-T)(e^(2 delta)-1) with the order fixed, and ids whose
+    logits lie within 2 delta of the id's may change sides of it, moving T by at most their mass."""
+    if top_p <= 0 or not ref_logits.size:
         return np.zeros(delta.shape)
     asc = filter_top_k_top_p(torch.from_numpy(ref_logits.astype(np.float64)), top_k, 0.0).sort(dim=-1, stable=True)[0].numpy()
     p = torch.softmax(torch.from_numpy(asc), -1).numpy()
     T = np.cumsum(p, -1)
-    d = delta[..., None]
     kept = T > 1 - top_p
     kept[..., -1] = True
-    cut_lo = np.where(kept, asc, np.inf).min(-1, keepdims=True)                  # smallest kept logit
-    cut_hi = np.where(kept | ~np.isfinite(asc), -np.inf, asc).max(-1, keepdims=True)   # largest removed
-    with np.errstate(invalid="ignore"):
-        near = ((np.abs(T - (1 - top_p)) <= T * (1 - T) * np.expm1(2 * d))
-                | (np.abs(asc - cut_lo) <= 2 * d) | (np.abs(asc - cut_hi) <= 2 * d))
+    rows, d = asc.reshape(-1, asc.shape[-1]), delta.reshape(-1)
+    cum = np.concatenate([np.zeros((rows.shape[0], 1)), T.reshape(rows.shape)], -1)
+    swap = np.stack([cum[r, np.searchsorted(rows[r], rows[r] + 2 * d[r], "right")] - cum[r, np.searchsorted(rows[r], rows[r] - 2 * d[r])]
+                     for r in range(rows.shape[0])]).reshape(asc.shape) - p          # mass within 2 delta, the id excluded
+    near = np.abs(T - (1 - top_p)) <= T * (1 - T) * np.expm1(2 * delta[..., None]) + swap
     return (p * near).sum(-1) / (p * kept).sum(-1)
 
 
