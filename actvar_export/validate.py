@@ -11,6 +11,7 @@ End to end, both sides sample from the same u: token agreement and PSNR with per
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -236,4 +237,8 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
         if e["psnr_db"] < e["min_psnr_db"]:
             rep.end_to_end_failures.append(f"end to end image PSNR {e['psnr_db']:.1f} dB < {e['min_psnr_db']:.1f} dB")
         rep.images = {"reference": ref_img, "bundle": images}
+    from .runtime.emulate import note as emulation_note
+    line = emulation_note(sum((Counter(c) for c in getattr(backend, "emulated", {}).values()), Counter()))
+    if line:
+        rep.notes.append(line)
     return rep

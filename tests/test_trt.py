@@ -327,8 +327,8 @@ def test_bf16_bundle_checks_and_parses(actvar_ckpt, tmp_path, request, target):
     """A bf16 portable bundle of the d2 model, built by the product: every graph passes ONNX's full checker at
     opset 17; the transformer's matrix products are bf16 while the VQVAE decoder (Conv has no bfloat16 type before
     opset 22) is fp32 in the graph and in weights.bin, bit for bit the checkpoint's values; TensorRT-RTX parses every
-    graph of the tensorrt target into a strongly typed network. No numeric run here: ONNX Runtime's CPU provider
-    has no bf16 MatMul kernel."""
+    graph of the tensorrt target into a strongly typed network. (Numeric validation on the CPU, through the
+    emulation of the bf16 nodes ONNX Runtime's CPU provider has no kernel for: tests/test_validation.py.)"""
     import onnx
     from onnx import TensorProto, numpy_helper
     import torch

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from .. import ops
 from ..export.step import EXPERT_FFN_OP, TOKEN_SCATTER_OP
 
 _REGISTERED = False
 ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions serves Python ops in this domain
+# element types of the ops' outputs (None: the type of input 0), for the CPU emulation's type inference
+OUTPUT_TYPES = {TOKEN_SCATTER_OP: (None,), EXPERT_FFN_OP: (None, TensorProto.INT32)}
 
 
 def register() -> str:

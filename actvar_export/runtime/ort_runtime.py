@@ -99,6 +99,7 @@ class Runtime:
         self.stream = torch.cuda.Stream(self.dev) if device == "cuda" else None
         self._sessions: Dict[Tuple[str, bool], object] = {}
         self._graph_state: Dict[str, str] = {}       # graph -> "graph" or the reason it runs without one
+        self.emulated: Dict[str, object] = {}        # graph -> {"fp16"/"bf16": nodes emulated in fp32} (CPU)
         self._weights = None
         self._inits: Dict[str, tuple] = {}           # name -> (torch view, OrtValue)
         self._plan = None
@@ -150,6 +151,10 @@ class Runtime:
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 so.add_initializer(t.name, self._initializer(t))
+        if self.device == "cpu":         # fp16/bf16 nodes the CPU provider has no kernel for run in fp32 between Casts
+            from .emulate import emulate_low_precision
+            from .ort_ops import OUTPUT_TYPES
+            self.emulated[name] = emulate_low_precision(model, OUTPUT_TYPES)
         if any(n.domain == CUSTOM_DOMAIN for n in model.graph.node):
             if self.cuda_ops is not None:
                 register_cuda_ops(so, self.cuda_ops)
@@ -208,10 +213,36 @@ class Runtime:
     def infer(self, name: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Run one graph on host arrays (cast to the graph's declared input types); returns host arrays."""
         s = self.session(name)
+        if _BF16 in [t.type for t in (*s.get_inputs(), *s.get_outputs())]:
+            return self._infer_bf16(s, feed)
         want = {i.name: _ORT_TYPES.get(i.type) for i in s.get_inputs()}
         feed = {k: (v.astype(want[k]) if want.get(k) is not None and v.dtype != want[k] else v) for k, v in feed.items()}
         names = [o.name for o in s.get_outputs()]
         return dict(zip(names, s.run(names, feed)))
+
+    def _infer_bf16(self, s, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """numpy has no bfloat16: bf16 inputs (given as fp32, rounded to nearest even) and outputs travel as
+        torch tensors bound to the session; bf16 outputs come back as fp32 (exact)."""
+        torch, io, keep = self.torch, s.io_binding(), []
+        want = {i.name: i.type for i in s.get_inputs()}
+        for k, v in feed.items():
+            if want.get(k) == _BF16:
+                keep.append(torch.from_numpy(np.ascontiguousarray(v, np.float32)).to(self.dev, torch.bfloat16))
+                io.bind_ortvalue_input(k, _ortvalue(self.ort, keep[-1]))
+            else:
+                io.bind_cpu_input(k, np.ascontiguousarray(v, dtype=_ORT_TYPES.get(want.get(k), v.dtype)))
+        bf16 = {}
+        for o in s.get_outputs():
+            if o.type == _BF16:
+                bf16[o.name] = torch.empty(o.shape, dtype=torch.bfloat16, device=self.dev)
+                io.bind_ortvalue_output(o.name, _ortvalue(self.ort, bf16[o.name]))
+            else:
+                io.bind_output(o.name)
+        if self.stream is not None:
+            torch.cuda.synchronize(self.dev)        # the inputs written on torch's stream, before ORT's stream reads
+        s.run_with_iobinding(io)
+        return {o.name: bf16[o.name].float().cpu().numpy() if o.name in bf16 else v.numpy()     # bound in this order
+                for o, v in zip(s.get_outputs(), io.get_outputs())}
 
     # ---------------- whole generation, on the device ----------------
     def _make_plan(self):
@@ -329,5 +360,6 @@ def profile_summary(files: List[Path], top: int = 15) -> List[dict]:
     return rows[:top]
 
 
+_BF16 = "tensor(bfloat16)"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32}

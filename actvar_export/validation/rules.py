@@ -143,12 +143,33 @@ def cdf_edges(logits: torch.Tensor, top_k: int, top_p: float):
     return hi - w / w.sum(-1, keepdim=True), hi
 
 
+def near_top_p_mass(ref_logits: np.ndarray, top_k: int, top_p: float, delta: np.ndarray) -> np.ndarray:
+    """Per row, the mass (normalised over the ids the reference keeps) of the ids whose top-p membership a logit
+    change of at most delta can flip. The sampler removes an id while the tail mass T of it and every smaller
+    survivor is <= 1 - top_p. delta moves T by at most T(1-T)(e^(2 delta)-1) with the order fixed, and ids whose
+    logits lie within 2 delta of the id's may change sides of it, moving T by at most their mass."""
+    if top_p <= 0 or not ref_logits.size:
+        return np.zeros(delta.shape)
+    asc = filter_top_k_top_p(torch.from_numpy(ref_logits.astype(np.float64)), top_k, 0.0).sort(dim=-1, stable=True)[0].numpy()
+    p = torch.softmax(torch.from_numpy(asc), -1).numpy()
+    T = np.cumsum(p, -1)
+    kept = T > 1 - top_p
+    kept[..., -1] = True
+    rows, d = asc.reshape(-1, asc.shape[-1]), delta.reshape(-1)
+    cum = np.concatenate([np.zeros((rows.shape[0], 1)), T.reshape(rows.shape)], -1)
+    swap = np.stack([cum[r, np.searchsorted(rows[r], rows[r] + 2 * d[r], "right")] - cum[r, np.searchsorted(rows[r], rows[r] - 2 * d[r])]
+                     for r in range(rows.shape[0])]).reshape(asc.shape) - p          # mass within 2 delta, the id excluded
+    near = np.abs(T - (1 - top_p)) <= T * (1 - T) * np.expm1(2 * delta[..., None]) + swap
+    return (p * near).sum(-1) / (p * kept).sum(-1)
+
+
 def check_ids(si: int, got_idx: np.ndarray, got_logits: np.ndarray, ref_logits: np.ndarray, u: np.ndarray,
               top_k: int, top_p: float, tol: Tolerances) -> List[Finding]:
     """Sampled ids. (a) The backend's ids are its own sampler applied to its own logits: a difference is
     explained only within fp32 summation rounding of an edge. (b) Against the reference: a differing id is
     explained only if u lies within the mass the measured logit difference of that row can move an edge
-    (|dc| <= c(1-c)(e^(2d)-1) for |d logit| <= d), plus the mass of ids within d of a cut."""
+    (|dc| <= c(1-c)(e^(2d)-1) for |d logit| <= d), plus the mass of ids within d of the top-k cut and of the
+    ids whose top-p membership d can flip."""
     out = []
     g = torch.from_numpy(got_logits.astype(np.float32))
     own = sample_noise(g, torch.from_numpy(u), top_k, top_p).numpy()
@@ -183,6 +204,7 @@ def check_ids(si: int, got_idx: np.ndarray, got_logits: np.ndarray, ref_logits: 
         kth = -np.sort(-ref_logits, -1)[..., top_k - 1:top_k] if top_k else np.full(delta.shape + (1,), -np.inf)
         near = np.abs(ref_logits - kth) <= delta[..., None]
         allowed = c * (1 - c) * np.expm1(2 * delta) + (p * near).sum(-1) / np.maximum((p * (ref_logits >= kth)).sum(-1), 1e-30)
+        allowed[d] += near_top_p_mass(ref_logits[d], top_k, top_p, delta[d])     # (rows that differ only)
         fb.differing = int(d.sum())
         bad = d & (dist > allowed)
         fb.max_margin = float((dist[d] / np.maximum(allowed[d], 1e-30)).max())

@@ -20,15 +20,23 @@ from ..vqvae import VQVAE
 NP_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
-def graph_types(manifest: dict, graph: str) -> Dict[str, np.dtype]:
-    """Input name -> numpy dtype of a bundle graph ('P' is the bundle's precision; bf16 travels as fp32)."""
-    p = {"fp32": np.float32, "fp16": np.float16, "bf16": np.float32}[manifest["precision"]]
+BF16 = "bfloat16"    # numpy has none: bf16 inputs travel as fp32 arrays holding bf16 values
+
+
+def graph_types(manifest: dict, graph: str) -> Dict[str, object]:
+    """Input name -> numpy dtype of a bundle graph ('P' is the bundle's precision; BF16 for bf16)."""
+    p = {"fp32": np.float32, "fp16": np.float16, "bf16": BF16}[manifest["precision"]]
     return {n: (p if t == "P" else NP_TYPES[t]) for n, (t, _) in manifest["graphs"][graph]["inputs"].items()}
 
 
-def as_graph_feed(feed: Dict[str, np.ndarray], types: Dict[str, np.dtype]) -> Dict[str, np.ndarray]:
-    """The feed in the graph's own input types: both runners then see bit-identical inputs."""
-    return OrderedDict((k, np.ascontiguousarray(v, dtype=types.get(k, v.dtype))) for k, v in feed.items())
+def as_graph_feed(feed: Dict[str, np.ndarray], types: Dict[str, object]) -> Dict[str, np.ndarray]:
+    """The feed in the graph's own input types (bf16: rounded to nearest even, kept as fp32): both runners
+    then see bit-identical inputs."""
+    def cast(v, t):
+        if t == BF16:
+            return torch.from_numpy(np.ascontiguousarray(v, np.float32)).bfloat16().float().numpy()
+        return np.ascontiguousarray(v, dtype=t)
+    return OrderedDict((k, cast(v, types.get(k, v.dtype))) for k, v in feed.items())
 
 
 class _StepRunner(BaseRunner):
@@ -37,7 +45,8 @@ class _StepRunner(BaseRunner):
         self.graph = graph
         self._meta = TensorMetadata()
         for n, (t, shape) in manifest["graphs"][graph]["inputs"].items():
-            self._meta.add(n, graph_types(manifest, graph)[n], shape)
+            t = graph_types(manifest, graph)[n]
+            self._meta.add(n, np.float32 if t == BF16 else t, shape)
 
     def get_input_metadata_impl(self):
         return self._meta
