@@ -344,15 +344,15 @@ class StepBuilder:
 
 
 def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
-    """The `noise` sampler of design §3 on logits lc (..., V): top-k keeps every logit >= the k-th
+    """The `noise` sampler of design §3 on logits lc (N, l, V): top-k keeps every logit >= the k-th
     largest (a tie group at the cut survives whole, so more than k may survive); top-p walks the survivors
     in descending order (equal logits by ascending id) with p normalised over ALL survivors; the draw is
     the inverse CDF in vocabulary order. A static TopK returns k values: the n_x survivors beyond them all
     equal the k-th value, so they enter the normaliser and the tail sums analytically (j·p_k for the j-th
     from the end), and the kept set is "logit > last kept value, plus the first m ids equal to it".
     The vocabulary sums are one CumSum each: fp32 additions one id after the other, the order of design §3
-    that `sampling.inverse_cdf` reproduces (ONNX Runtime's CUDA CumSum costs O(V²) per row this way)."""
-    cumsum = lambda x: g.op("CumSum", [x, g.i64(-1)])  # noqa: E731
+    that `sampling.inverse_cdf` reproduces (ONNX Runtime's CUDA CumSum costs O(V²) per row this way); the count
+    of tied ids needs no order (`running_count`)."""
     vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)     # (..., k) desc
     mx, kth = g.slice(vals, [0], [1], [-1]), g.slice(vals, [k - 1], [k], [-1])
     survive = g.op("GreaterOrEqual", [lc, kth])                                          # (..., V)
@@ -373,14 +373,26 @@ def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
     above = g.op("Greater", [lc, last])
     at = g.op("Equal", [lc, last])
     m = g.op("Sub", [keep_n, g.op("ReduceSum", [g.cast(above, I64), g.i64(-1)], keepdims=1)])
-    first_m = g.op("LessOrEqual", [cumsum(g.cast(at, F32)), g.cast(m, F32)])   # exact < 2^24
+    first_m = g.op("LessOrEqual", [running_count(g, g.cast(at, F32), V), g.cast(m, F32)])
     keep = g.op("Or", [above, g.op("And", [at, first_m])])
     w = g.op("Where", [keep, e, g.scalar(0.0)])
-    cdf = cumsum(w)
+    cdf = g.op("CumSum", [w, g.i64(-1)])
     total = g.slice(cdf, [V - 1], [V], [-1])
     below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
     count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
     return g.op("Min", [count, g.i64(V - 1)])
+
+
+def running_count(g: Graph, ind: str, V: int, block: int = 64) -> str:
+    """Inclusive running sum of a 0/1 fp32 indicator (N, l, V) along V: exact in any summation order below
+    2^24, so computed within blocks of `block` ids plus the exclusive running sum of the blocks' totals:
+    O(V) work, where one CumSum over V costs ONNX Runtime's CUDA kernel O(V²) per row."""
+    if V % block or V <= block:
+        return g.op("CumSum", [ind, g.i64(-1)])
+    x = g.op("Reshape", [ind, g.i64(0, 0, V // block, block)])
+    inner = g.op("CumSum", [x, g.i64(-1)])
+    carry = g.op("CumSum", [g.op("ReduceSum", [x, g.i64(-1)], keepdims=1), g.i64(-2)], exclusive=1)
+    return g.op("Reshape", [g.op("Add", [inner, carry]), g.i64(0, 0, V)])
 
 
 def _f32_tensor(v: float):
