@@ -166,6 +166,12 @@ class Graph:
         ones, zeros = self.ones_zeros(C)
         return self.op("LayerNormalization", [x, ones, zeros], axis=-1, epsilon=eps)
 
+    def shared(self, key, make) -> str:
+        """One constant per key in this graph (its array from make()), whoever asks for it."""
+        if key not in self._cache:
+            self._cache[key] = self.const(make(), hint=str(key[0]))
+        return self._cache[key]
+
     def ones_zeros(self, n: int):
         """Shared fp32 ones(n) and zeros(n) constants (identity affine of a normalisation)."""
         key = ("_oz", n)

@@ -117,14 +117,26 @@ class StepBuilder:
     def topk_indices(self, scores_f32, k):
         return topk_ascending(self.g, scores_f32, k)
 
+    def shared(self, key):
+        """One constant per graph, used by every block: ("zeros", *shape), ("ones", *shape), ("is_v",) (which of
+        q, k, v is v, (3, 1, 1) bool) or ("ada1", chunks, scale_chunks) (1 on the adaLN scale chunks, 0 elsewhere)."""
+        def make():
+            kind, *shape = key
+            if kind == "ada1":
+                arr = np.zeros((shape[0], self.C), np.float32)
+                arr[list(shape[1])] = 1.0
+                return arr.reshape(-1)
+            if kind == "is_v":
+                return np.array([False, False, True]).reshape(3, 1, 1)
+            return (np.zeros if kind == "zeros" else np.ones)(shape, np.float32)
+        return self.g.shared(key, make)
+
     def ada(self, key, chunks, scale_chunks):
         """AdaLN parameters from the shared cond (S, C): the Linear without its bias (one GEMM), then in fp32
         the bias plus 1 on the scale chunks (a constant ONNX Runtime folds: `1 + scale` costs no kernel),
         cut into `chunks` (S, 1, C) pieces by one Split."""
         g, C = self.g, self.C
-        plus = np.zeros((chunks, C), np.float32)
-        plus[list(scale_chunks)] = 1.0
-        bias = g.op("Add", [g.cast(g.w(key + ".bias"), F32, self.P), g.const(plus.reshape(-1), hint="ada1")])
+        bias = g.op("Add", [g.cast(g.w(key + ".bias"), F32, self.P), self.shared(("ada1", chunks, scale_chunks))])
         ada = g.op("Add", [g.to_f32(g.gemm(self.cond_p, key + ".weight")), bias])       # (S, chunks·C)
         return g.split(g.reshape(ada, self.S, chunks, C), chunks, 1, axis=1)
 
@@ -232,13 +244,13 @@ class StepBuilder:
         g, S, C, H = self.g, self.S, self.C, self.H
         pre = f"blocks.{b}.attn"
         qkv = g.gemm(g.reshape(g.to_p(h_f32), -1, C), f"{pre}.mat_qkv.weight")            # (S·n, 3C), no bias
-        zero = g.const(np.zeros(C, np.float32), hint="zk")
+        zero = self.shared(("zeros", C))
         bias = g.reshape(g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero,
                                          g.cast(g.w(f"{pre}.v_bias"), F32, self.P)], axis=0), 3, H, 64)
         qkv = g.op("Add", [g.reshape(g.to_f32(qkv), S, n, 3, H, 64), bias])
         scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])   # (1, H, 1, 1)
-        factor = g.op("Concat", [g.reshape(scale, 1, H, 1), g.const(np.ones((2, H, 1), np.float32), hint="one")], axis=0)
-        is_v = g.const(np.array([False, False, True]).reshape(3, 1, 1), hint="isv")
+        factor = g.op("Concat", [g.reshape(scale, 1, H, 1), self.shared(("ones", 2, H, 1))], axis=0)
+        is_v = self.shared(("is_v",))
         nrm = g.op("Max", [g.op("ReduceL2", [qkv], axes=[-1], keepdims=1), g.scalar(1e-12)])   # F.normalize's eps
         qkv = g.to_p(g.op("Mul", [g.op("Div", [qkv, g.op("Where", [is_v, g.scalar(1.0), nrm])]), factor]))
         if self.fused:
