@@ -72,6 +72,12 @@ class Graph:
             self.inits[key] = self.store.tensor_proto(key)
         return key
 
+    def w_stacked(self, name: str, keys: Sequence[str]) -> str:
+        """The weights `keys` (same shape, stored back to back) as one (len(keys), ...) initializer."""
+        if name not in self.inits:
+            self.inits[name] = self.store.stacked_proto(name, list(keys))
+        return name
+
     def const(self, value, dtype=None, hint="c") -> str:
         arr = np.asarray(value, dtype=dtype)
         name = self.fresh(hint)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after
 from .graph import CUSTOM_DOMAIN, F32, I32, I64, ORT_DOMAIN, Graph
+from .weights import stacked_keys
 
 LOWERINGS = ("portable", "plugin")
 TARGETS = ("onnxruntime", "tensorrt")
@@ -132,13 +133,27 @@ class StepBuilder:
         return self.g.shared(key, make)
 
     def ada(self, key, chunks, scale_chunks):
-        """AdaLN parameters from the shared cond (S, C): the Linear without its bias (one GEMM), then in fp32
+        """The head's AdaLN parameters from the shared cond (S, C): the Linear without its bias (one GEMM), then in fp32
         the bias plus 1 on the scale chunks (a constant ONNX Runtime folds: `1 + scale` costs no kernel),
         cut into `chunks` (S, 1, C) pieces by one Split."""
         g, C = self.g, self.C
         bias = g.op("Add", [g.cast(g.w(key + ".bias"), F32, self.P), self.shared(("ada1", chunks, scale_chunks))])
         ada = g.op("Add", [g.to_f32(g.gemm(self.cond_p, key + ".weight")), bias])       # (S, chunks·C)
         return g.split(g.reshape(ada, self.S, chunks, C), chunks, 1, axis=1)
+
+    def blocks_ada(self):
+        """Every block's six adaLN chunks (g1, g2, 1 + s1, 1 + s2, b1, b2), each (S, 1, C) fp32, from one GEMM over
+        the blocks' ada_lin weights viewed as one (D, 6C, C) tensor (stored back to back in weights.bin), one
+        bias Add (the 1 of the scale chunks folded in as in `ada`) and the Splits that hand them out."""
+        g, D, S, C = self.g, self.D, self.S, self.C
+        w = g.w_stacked("blocks.ada_lin.1.weight", stacked_keys("ada_lin.1.weight", D))     # (D, 6C, C)
+        b = g.w_stacked("blocks.ada_lin.1.bias", stacked_keys("ada_lin.1.bias", D))         # (D, 6C)
+        bias = g.op("Add", [g.cast(b, F32, self.P), self.shared(("ada1", 6, (2, 3)))])
+        ada = g.to_f32(g.op("MatMul", [w, g.op("Transpose", [self.cond_p], perm=[1, 0])]))   # (D, 6C, S)
+        ada = g.op("Transpose", [g.reshape(ada, D, 6, C, S)], perm=[0, 1, 3, 2])             # (D, 6, S, C)
+        ada = g.op("Add", [ada, g.reshape(bias, D, 6, 1, C)])
+        pieces = g.split(g.reshape(ada, 6 * D * S, 1, C), 6 * D, S, axis=0)
+        return [pieces[6 * i:6 * i + 6] for i in range(D)]
 
     def add_norm(self, x, skip):
         """(LayerNorm(x + skip), x + skip); skip None: (LayerNorm(x), x). One SkipLayerNormalization kernel for
@@ -176,9 +191,9 @@ class StepBuilder:
         top_p = g.input("top_p", F32, [1])
 
         kvs, sel, exps, skip = [], [], [], None
-        for b in range(self.D):
+        for b, ada in enumerate(self.blocks_ada()):
             with g.scope(f"blocks.{b}"):
-                x, skip, kv, aux = self.block(b, x, skip, caches[b])
+                x, skip, kv, aux = self.block(b, ada, x, skip, caches[b])
             kvs += kv
             if aux:
                 sel.append(g.op("Unsqueeze", [aux[0], g.i64(0)]))
@@ -201,12 +216,12 @@ class StepBuilder:
             g.output(g.concat(exps, axis=0), "experts", I64, [self.D, S, self.k_t, self.k_w])
         return g.model()
 
-    def block(self, b, x, skip, cache):
+    def block(self, b, ada, x, skip, cache):
         """Block b on the residual stream x + skip (skip None: x alone; the sum is left to the next LayerNorm
-        where it can fuse). Returns (x, skip, [k_all, v_all], aux)."""
+        where it can fuse), ada its adaLN chunks. Returns (x, skip, [k_all, v_all], aux)."""
         g, S, C = self.g, self.S, self.C
         pre = f"blocks.{b}"
-        g1, g2, s1, s2, b1, b2 = self.ada(f"{pre}.ada_lin.1", 6, (2, 3))                  # s1, s2 hold 1 + scale
+        g1, g2, s1, s2, b1, b2 = ada                                                     # s1, s2 hold 1 + scale
         aux = None
         if self.active:
             if skip is not None:
