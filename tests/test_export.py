@@ -80,10 +80,11 @@ def test_bundle_holds_one_copy_of_the_weights(bundle, actvar_ckpt):
     assert sum(f["bytes"] for n, f in files.items() if n.endswith(".onnx")) < 0.02 * files["weights.bin"]["bytes"]
 
 
-def test_topk_tie_rule_in_onnxruntime():
+@pytest.mark.parametrize("int64_sort", [False, True])
+def test_topk_tie_rule_in_onnxruntime(int64_sort):
     g = Graph("t", None, "fp32")
     x = g.input("x", F32, [3, 8])
-    g.output(topk_ascending(g, x, 4), "y", I64, [3, 4])
+    g.output(topk_ascending(g, x, 4, int64_sort), "y", I64, [3, 4])
     s = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.array([[1, 5, 3, 5, 3, 3, 0, 0], [0] * 8, [2, 2, 1, 2, 2, 9, 2, 2]], np.float32)
     got = s.run(None, {"x": x})[0]

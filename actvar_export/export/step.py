@@ -73,11 +73,14 @@ def io_shapes(spec: ModelSpec, si: int, batch: int):
     return ins, outs
 
 
-def topk_ascending(g: Graph, scores_f32: str, k: int) -> str:
+def topk_ascending(g: Graph, scores_f32: str, k: int, int64_sort: bool = False) -> str:
     """Indices of the k largest scores along the last axis, in ascending index order. ONNX TopK
     returns equal values lower index first, which is the tie rule of design §2; the ascending order
-    comes from a second TopK(largest=0) over the indices as fp32 (exact below 2^24)."""
+    comes from a second TopK(largest=0) over the indices: as int64 where the runtime's TopK takes them
+    (int64_sort: ONNX Runtime, no Casts), else as fp32 (exact below 2^24)."""
     _, top = g.op("TopK", [scores_f32, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)
+    if int64_sort:
+        return g.op("TopK", [top, g.i64(k)], n_out=2, axis=-1, largest=0, sorted=1)[0]
     vals, _ = g.op("TopK", [g.cast(top, F32), g.i64(k)], n_out=2, axis=-1, largest=0, sorted=1)
     return g.cast(vals, I64)
 
@@ -116,7 +119,7 @@ class StepBuilder:
         return g.op("Add", [pos, lvl])
 
     def topk_indices(self, scores_f32, k):
-        return topk_ascending(self.g, scores_f32, k)
+        return topk_ascending(self.g, scores_f32, k, int64_sort=self.ort)
 
     def shared(self, key):
         """One constant per graph, used by every block: ("zeros", *shape), ("ones", *shape), ("is_v",) (which of
