@@ -23,7 +23,8 @@ DEPTH = SPEC.var.depth
 # scale: the counts the builder reaches for the block of design §1 (q/k/v normalised as one tensor;
 # SkipLayerNormalization and FastGelu with its bias for the onnxruntime target; the tensorrt target
 # concatenates the cache itself), the ActVAR scale adding the selector, two ascending TopKs, gather/scatter and
-# the expert mask (its ascending re-sort of indices a TopK over int64 for the onnxruntime target). fp16 Casts are the fp16 GEMMs' inputs and outputs around fp32 norms, GELU and residual stream.
+# the expert mask (the ascending re-sort of indices a TopK over int64 for the onnxruntime target). fp16 Casts
+# are the fp16 GEMMs' inputs and outputs around fp32 norms, GELU and residual stream.
 # Outside the blocks (adaLN of all blocks in one GEMM, head, sampler, f_hat, next input, cache split/concat):
 # at most OUTSIDE kernels at depth 2.
 OUTSIDE = 108
