@@ -80,10 +80,11 @@ def test_bundle_holds_one_copy_of_the_weights(bundle, actvar_ckpt):
     assert sum(f["bytes"] for n, f in files.items() if n.endswith(".onnx")) < 0.02 * files["weights.bin"]["bytes"]
 
 
-def test_topk_tie_rule_in_onnxruntime():
+@pytest.mark.parametrize("int64_sort", [False, True])
+def test_topk_tie_rule_in_onnxruntime(int64_sort):
     g = Graph("t", None, "fp32")
     x = g.input("x", F32, [3, 8])
-    g.output(topk_ascending(g, x, 4), "y", I64, [3, 4])
+    g.output(topk_ascending(g, x, 4, int64_sort), "y", I64, [3, 4])
     s = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.array([[1, 5, 3, 5, 3, 3, 0, 0], [0] * 8, [2, 2, 1, 2, 2, 9, 2, 2]], np.float32)
     got = s.run(None, {"x": x})[0]
@@ -135,3 +136,21 @@ def test_sample_bundle_refuses_reference_only_options(bundle, tmp_path):
     assert_one_line_error(run("sample", "--bundle", bundle.path, "--sampler", "official", "--out", out), "noise sampler")
     assert_one_line_error(run("sample", "--bundle", bundle.path, "--precision", "fp16", "--out", out), "--precision")
     assert not out.exists()
+
+
+def test_stacked_adaln_weights_view_each_block(bundle, actvar_ckpt):
+    """Every block's ada_lin weight and bias sit back to back in weights.bin: the one (depth, ...) initializer
+    of the step graphs reads exactly the checkpoint's per-block tensors; keys not stored adjacently are refused."""
+    from actvar_export.export.weights import WeightStore
+    from onnx import numpy_helper
+    sd = torch.load(actvar_ckpt, weights_only=True)["model"]
+    step = onnx.load(str(bundle.path / "step_3.onnx"), load_external_data=False)
+    inits = {t.name: t for t in step.graph.initializer}
+    depth = bundle.manifest["model"]["depth"]
+    for part in ("weight", "bias"):
+        got = numpy_helper.to_array(inits[f"blocks.ada_lin.1.{part}"], base_dir=str(bundle.path))
+        want = np.stack([sd[f"blocks.{b}.ada_lin.1.{part}"].numpy() for b in range(depth)])
+        np.testing.assert_array_equal(got, want)
+    store = WeightStore(sd, torch.load(actvar_ckpt, weights_only=True)["vae"], "fp32")
+    with pytest.raises(KeyError, match="back to back"):
+        store.stacked_proto("x", ["blocks.1.ada_lin.1.weight", "blocks.0.ada_lin.1.weight"])   # reversed order

@@ -76,12 +76,12 @@ def invert_token_selection(m):
 def swap_expert_slices(m):
     """block 0: fc1's hidden units of experts 0 and 1 exchanged (fc2 unchanged)."""
     w = "blocks.0.ffn.fc1.weight"
-    n = _consumer(m, lambda n: w in n.input)
     hidden = next(t for t in m.graph.initializer if t.name == w).dims[0]
     d = hidden // 16
     perm = np.arange(hidden)
     perm[:d], perm[d:2 * d] = np.arange(d, 2 * d), np.arange(d)
-    for key in (w, "blocks.0.ffn.fc1.bias"):
+    for key in (w, "blocks.0.ffn.fc1.bias"):      # the bias's consumer may be the GEMM or the GELU (FastGelu's bias)
+        n = _consumer(m, lambda n: key in n.input)
         _insert_before_input(m, n, list(n.input).index(key), "Gather", [_const(m, key + "_perm", perm.astype(np.int64))], axis=0)
 
 

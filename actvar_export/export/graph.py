@@ -1,6 +1,7 @@
 """A small ONNX graph builder: named weights from one shared store, explicit dtypes."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -14,6 +15,10 @@ PRECISION_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}
 OPSET = 17
 IR_VERSION = 10
 CUSTOM_DOMAIN = "actvar"
+ORT_DOMAIN = "com.microsoft"
+# at most this many outputs of one Split / inputs of one Concat: ONNX Runtime's CUDA kernels pass up to 32
+# pointers by value (one launch); more go through a host-to-device copy of a pointer array
+MAX_PIECES = 32
 
 
 def decoder_precision(precision: str) -> str:
@@ -36,6 +41,16 @@ class Graph:
         self._ids = itertools.count()
         self.domains = set()      # non-default operator domains the nodes use (opset imports)
         self._cache = {}
+        self._scope = ""
+
+    @contextlib.contextmanager
+    def scope(self, prefix: str):
+        """Nodes made inside are named `prefix/...` (per-block counts, profiler names)."""
+        outer, self._scope = self._scope, f"{self._scope}{prefix}/"
+        try:
+            yield
+        finally:
+            self._scope = outer
 
     # ---- naming ----
     def fresh(self, hint: str) -> str:
@@ -57,6 +72,12 @@ class Graph:
             self.inits[key] = self.store.tensor_proto(key)
         return key
 
+    def w_stacked(self, name: str, keys: Sequence[str]) -> str:
+        """The weights `keys` (same shape, stored back to back) as one (len(keys), ...) initializer."""
+        if name not in self.inits:
+            self.inits[name] = self.store.stacked_proto(name, list(keys))
+        return name
+
     def const(self, value, dtype=None, hint="c") -> str:
         arr = np.asarray(value, dtype=dtype)
         name = self.fresh(hint)
@@ -76,7 +97,8 @@ class Graph:
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, name: Optional[str] = None,
            domain: Optional[str] = None, **attrs) -> Union[str, List[str]]:
         outs = [name] if (name and n_out == 1) else [self.fresh(op_type.lower()) for _ in range(n_out)]
-        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type), domain=domain, **attrs)
+        node = helper.make_node(op_type, list(inputs), outs, name=self._scope + self.fresh("n_" + op_type),
+                                domain=domain, **attrs)
         self.nodes.append(node)
         if domain:
             self.domains.add(domain)
@@ -110,10 +132,51 @@ class Graph:
     def slice(self, x, starts, ends, axes):
         return self.op("Slice", [x, self.i64(*starts), self.i64(*ends), self.i64(*axes)])
 
+    def split(self, x: str, n: int, size: int, axis: int) -> List[str]:
+        """x cut into n pieces of `size` along axis: one Split kernel, or groups of at most MAX_PIECES."""
+        if n == 1:
+            return [x]
+        if n <= MAX_PIECES:
+            return self.op("Split", [x], n_out=n, axis=axis)
+        groups = self._groups(n)
+        outs = self.op("Split", [x, self.i64(*[k * size for k in groups])], n_out=len(groups), axis=axis)
+        return [p for part, k in zip(outs, groups) for p in self.split(part, k, size, axis)]
+
+    def concat(self, xs: Sequence[str], axis: int) -> str:
+        """Concat of any number of inputs: one kernel, or groups of at most MAX_PIECES then their Concat."""
+        if len(xs) <= MAX_PIECES:
+            return self.op("Concat", list(xs), axis=axis) if len(xs) > 1 else xs[0]
+        parts, i = [], 0
+        for k in self._groups(len(xs)):
+            parts.append(self.concat(xs[i:i + k], axis))
+            i += k
+        return self.concat(parts, axis)
+
+    @staticmethod
+    def _groups(n: int) -> List[int]:
+        g = -(-n // MAX_PIECES)
+        return [n // g + (i < n % g) for i in range(g)]
+
+    def skip_layer_norm(self, x: str, skip: str, C: int, eps: float = 1e-6):
+        """ONNX Runtime's SkipLayerNormalization without affine: (LayerNorm(x + skip), x + skip), one kernel."""
+        ones, zeros = self.ones_zeros(C)
+        ln, total = self.fresh("skipln"), self.fresh("skipsum")
+        self.nodes.append(helper.make_node("SkipLayerNormalization", [x, skip, ones, zeros], [ln, "", "", total],
+                                           name=self._scope + self.fresh("n_SkipLayerNormalization"),
+                                           domain=ORT_DOMAIN, epsilon=eps))
+        self.domains.add(ORT_DOMAIN)
+        return ln, total
+
     def layer_norm(self, x: str, C: int, eps: float = 1e-6) -> str:
         """LayerNorm without affine over the last axis (fp32 in, fp32 out)."""
         ones, zeros = self.ones_zeros(C)
         return self.op("LayerNormalization", [x, ones, zeros], axis=-1, epsilon=eps)
+
+    def shared(self, key, make) -> str:
+        """One constant per key in this graph (its array from make()), whoever asks for it."""
+        if key not in self._cache:
+            self._cache[key] = self.const(make(), hint=str(key[0]))
+        return self._cache[key]
 
     def ones_zeros(self, n: int):
         """Shared fp32 ones(n) and zeros(n) constants (identity affine of a normalisation)."""

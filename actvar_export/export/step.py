@@ -16,11 +16,11 @@ import math
 import numpy as np
 
 from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after
-from .graph import CUSTOM_DOMAIN, F32, I32, I64, Graph
+from .graph import CUSTOM_DOMAIN, F32, I32, I64, ORT_DOMAIN, Graph
+from .weights import stacked_keys
 
 LOWERINGS = ("portable", "plugin")
 TARGETS = ("onnxruntime", "tensorrt")
-ORT_DOMAIN = "com.microsoft"
 FUSED_ATTENTION = f"{ORT_DOMAIN}.MultiHeadAttention"
 
 
@@ -73,11 +73,14 @@ def io_shapes(spec: ModelSpec, si: int, batch: int):
     return ins, outs
 
 
-def topk_ascending(g: Graph, scores_f32: str, k: int) -> str:
+def topk_ascending(g: Graph, scores_f32: str, k: int, int64_sort: bool = False) -> str:
     """Indices of the k largest scores along the last axis, in ascending index order. ONNX TopK
     returns equal values lower index first, which is the tie rule of design §2; the ascending order
-    comes from a second TopK(largest=0) over the indices as fp32 (exact below 2^24)."""
+    comes from a second TopK(largest=0) over the indices: as int64 where the runtime's TopK takes them
+    (int64_sort: ONNX Runtime, no Casts), else as fp32 (exact below 2^24)."""
     _, top = g.op("TopK", [scores_f32, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)
+    if int64_sort:
+        return g.op("TopK", [top, g.i64(k)], n_out=2, axis=-1, largest=0, sorted=1)[0]
     vals, _ = g.op("TopK", [g.cast(top, F32), g.i64(k)], n_out=2, axis=-1, largest=0, sorted=1)
     return g.cast(vals, I64)
 
@@ -88,6 +91,7 @@ class StepBuilder:
         self.spec, self.si, self.B = spec, si, batch
         self.fused = attention_kind(target, precision) == FUSED_ATTENTION
         self.fast_gelu = gelu_kind(target) == FUSED_GELU
+        self.ort = target == "onnxruntime"     # ONNX Runtime's contrib ops (SkipLayerNormalization, FastGelu)
         self.g = Graph(f"actvar_step_{si}", store, precision)
         self.P = self.g.P
         self.lowering, self.top_k = lowering, top_k
@@ -115,7 +119,61 @@ class StepBuilder:
         return g.op("Add", [pos, lvl])
 
     def topk_indices(self, scores_f32, k):
-        return topk_ascending(self.g, scores_f32, k)
+        return topk_ascending(self.g, scores_f32, k, int64_sort=self.ort)
+
+    def shared(self, key):
+        """One constant per graph, used by every block: ("zeros", *shape), ("ones", *shape), ("is_v",) (which of
+        q, k, v is v, (3, 1, 1) bool) or ("ada1", chunks, scale_chunks) (1 on the adaLN scale chunks, 0 elsewhere)."""
+        def make():
+            kind, *shape = key
+            if kind == "ada1":
+                arr = np.zeros((shape[0], self.C), np.float32)
+                arr[list(shape[1])] = 1.0
+                return arr.reshape(-1)
+            if kind == "is_v":
+                return np.array([False, False, True]).reshape(3, 1, 1)
+            return (np.zeros if kind == "zeros" else np.ones)(shape, np.float32)
+        return self.g.shared(key, make)
+
+    def ada(self, key, chunks, scale_chunks):
+        """The head's AdaLN parameters from the shared cond (S, C): the Linear without its bias (one GEMM), then in fp32
+        the bias plus 1 on the scale chunks (a constant ONNX Runtime folds: `1 + scale` costs no kernel),
+        cut into `chunks` (S, 1, C) pieces by one Split."""
+        g, C = self.g, self.C
+        bias = g.op("Add", [g.cast(g.w(key + ".bias"), F32, self.P), self.shared(("ada1", chunks, scale_chunks))])
+        ada = g.op("Add", [g.to_f32(g.gemm(self.cond_p, key + ".weight")), bias])       # (S, chunks·C)
+        return g.split(g.reshape(ada, self.S, chunks, C), chunks, 1, axis=1)
+
+    def blocks_ada(self):
+        """Every block's six adaLN chunks (g1, g2, 1 + s1, 1 + s2, b1, b2), each (S, 1, C) fp32, from one GEMM over
+        the blocks' ada_lin weights viewed as one (D, 6C, C) tensor (stored back to back in weights.bin), one
+        bias Add (the 1 of the scale chunks folded in as in `ada`) and the Splits that hand them out."""
+        g, D, S, C = self.g, self.D, self.S, self.C
+        w = g.w_stacked("blocks.ada_lin.1.weight", stacked_keys("ada_lin.1.weight", D))     # (D, 6C, C)
+        b = g.w_stacked("blocks.ada_lin.1.bias", stacked_keys("ada_lin.1.bias", D))         # (D, 6C)
+        bias = g.op("Add", [g.cast(b, F32, self.P), self.shared(("ada1", 6, (2, 3)))])
+        ada = g.to_f32(g.op("MatMul", [w, g.op("Transpose", [self.cond_p], perm=[1, 0])]))   # (D, 6C, S)
+        ada = g.op("Transpose", [g.reshape(ada, D, 6, C, S)], perm=[0, 1, 3, 2])             # (D, 6, S, C)
+        ada = g.op("Add", [ada, g.reshape(bias, D, 6, 1, C)])
+        pieces = g.split(g.reshape(ada, 6 * D * S, 1, C), 6 * D, S, axis=0)
+        return [pieces[6 * i:6 * i + 6] for i in range(D)]
+
+    def add_norm(self, x, skip):
+        """(LayerNorm(x + skip), x + skip); skip None: (LayerNorm(x), x). One SkipLayerNormalization kernel for
+        the onnxruntime target (x + skip exact, as the Add it replaces)."""
+        g = self.g
+        if skip is None:
+            return g.layer_norm(x, self.C), x
+        if self.ort:
+            return g.skip_layer_norm(x, skip, self.C)
+        x = g.op("Add", [x, skip])
+        return g.layer_norm(x, self.C), x
+
+    def split_cache(self, kv_in):
+        """kv_in (D, 2, S, H, Lc, 64) -> per block (k, v), each (S, H, Lc, 64): one Split for all blocks."""
+        g, D, S, H, Lc = self.g, self.D, self.S, self.H, self.Lc0
+        parts = [g.reshape(p, S, H, Lc, 64) for p in g.split(g.reshape(kv_in, 2 * D * S, H, Lc, 64), 2 * D, S, axis=0)]
+        return [(parts[2 * b], parts[2 * b + 1]) for b in range(D)]
 
     # ---------- graph ----------
     def build(self):
@@ -123,36 +181,30 @@ class StepBuilder:
         labels = g.input("labels", I64, [B])
         label_S = g.op("Concat", [labels, g.i64(*([1000] * B))], axis=0)
         cond = g.op("Gather", [g.w("class_emb.weight"), label_S], axis=0)               # (S, C) f32
-        cond_silu = g.silu(cond)
+        self.cond_p = g.to_p(g.silu(cond))           # every adaLN's input, cast once
         if si == 0:
             x = g.op("Add", [g.op("Add", [g.op("Unsqueeze", [cond, g.i64(1)]), g.w("pos_start")]), self.lvl_pos(0)])
-            kv_in, f_hat = None, g.op("ConstantOfShape", [g.i64(B, CVAE, 16, 16)],
-                                      value=_f32_tensor(0.0))
+            caches, f_hat = [None] * self.D, g.op("ConstantOfShape", [g.i64(B, CVAE, 16, 16)], value=_f32_tensor(0.0))
         else:
             x = g.input("x_in", F32, [S, l, C])
-            kv_in = g.input("kv_in", self.P, [self.D, 2, S, self.H, self.Lc0, 64])
+            caches = self.split_cache(g.input("kv_in", self.P, [self.D, 2, S, self.H, self.Lc0, 64]))
             f_hat = g.input("f_hat_in", F32, [B, CVAE, 16, 16])
         u = g.input("u", F32, [B, l])
         cfg = g.input("cfg", F32, [1])
         top_p = g.input("top_p", F32, [1])
 
-        kv_outs, sel, exps = [], [], []
-        for b in range(self.D):
-            cache = None
-            if kv_in is not None:
-                kvb = g.reshape(g.slice(kv_in, [b], [b + 1], [0]), 2, S, self.H, self.Lc0, 64)
-                cache = (g.reshape(g.slice(kvb, [0], [1], [0]), S, self.H, self.Lc0, 64),
-                         g.reshape(g.slice(kvb, [1], [2], [0]), S, self.H, self.Lc0, 64))
-            x, kv, aux = self.block(b, x, cond_silu, cache)
-            kv_outs.append(g.op("Unsqueeze", [g.op("Concat", [g.op("Unsqueeze", [kv[0], g.i64(0)]),
-                                                              g.op("Unsqueeze", [kv[1], g.i64(0)])], axis=0), g.i64(0)]))
+        kvs, sel, exps, skip = [], [], [], None
+        for b, ada in enumerate(self.blocks_ada()):
+            with g.scope(f"blocks.{b}"):
+                x, skip, kv, aux = self.block(b, ada, x, skip, caches[b])
+            kvs += kv
             if aux:
                 sel.append(g.op("Unsqueeze", [aux[0], g.i64(0)]))
                 exps.append(g.op("Unsqueeze", [aux[1], g.i64(0)]))
-        kv_out = g.op("Concat", kv_outs, axis=0)
         Lc1 = self.Lc0 + (self.k_t or l)
+        kv_out = g.reshape(g.concat(kvs, axis=0), self.D, 2, S, self.H, Lc1, 64)   # k0, v0, k1, ... in one Concat
 
-        logits = self.head(x, cond_silu)                                                 # (B, l, V) f32
+        logits = self.head(x, skip)                                                      # (B, l, V) f32
         idx = self.sample(logits, u, top_p, cfg)
         f_hat_out = self.fhat_update(f_hat, idx)
 
@@ -163,18 +215,20 @@ class StepBuilder:
         if si < NUM_SCALES - 1:
             g.output(self.next_input(f_hat_out), "x_next", F32, [S, SCALE_LENS[si + 1], C])
         if self.active:
-            g.output(g.op("Concat", sel, axis=0), "sel_idx", I64, [self.D, S, self.k_t])
-            g.output(g.op("Concat", exps, axis=0), "experts", I64, [self.D, S, self.k_t, self.k_w])
+            g.output(g.concat(sel, axis=0), "sel_idx", I64, [self.D, S, self.k_t])
+            g.output(g.concat(exps, axis=0), "experts", I64, [self.D, S, self.k_t, self.k_w])
         return g.model()
 
-    def block(self, b, x, cond_silu, cache):
+    def block(self, b, ada, x, skip, cache):
+        """Block b on the residual stream x + skip (skip None: x alone; the sum is left to the next LayerNorm
+        where it can fuse), ada its adaLN chunks. Returns (x, skip, [k_all, v_all], aux)."""
         g, S, C = self.g, self.S, self.C
         pre = f"blocks.{b}"
-        ada = self.g.to_f32(g.gemm(self.g.to_p(cond_silu), f"{pre}.ada_lin.1.weight", f"{pre}.ada_lin.1.bias"))  # (S, 6C)
-        g1, g2, s1, s2, b1, b2 = [g.op("Unsqueeze", [g.slice(ada, [i * C], [(i + 1) * C], [1]), g.i64(1)])
-                                  for i in range(6)]
+        g1, g2, s1, s2, b1, b2 = ada                                                     # s1, s2 hold 1 + scale
         aux = None
         if self.active:
+            if skip is not None:
+                x, skip = g.op("Add", [x, skip]), None
             L, K = self.l, self.k_t
             score = g.reshape(self.linear(x, [S, L], C, 1, f"{pre}.selector"), S, L)
             idx = self.topk_indices(score, K)                                            # (S, K) i64
@@ -183,86 +237,87 @@ class StepBuilder:
             n = K
         else:
             xs, n = x, self.l
-        one = g.scalar(1.0)
-        h = g.op("Add", [g.op("Mul", [g.layer_norm(xs, C), g.op("Add", [s1, one])]), b1])
-        a, kv = self.attention(b, h, n, cache)
-        xs = g.op("Add", [xs, g.op("Mul", [a, g1])])
-        h2 = g.op("Add", [g.op("Mul", [g.layer_norm(xs, C), g.op("Add", [s2, one])]), b2])
+        ln, xs = self.add_norm(xs, skip)
+        a, kv = self.attention(b, g.op("Add", [g.op("Mul", [ln, s1]), b1]), n, cache)
+        ln, xs = self.add_norm(xs, g.op("Mul", [a, g1]))
+        h2 = g.op("Add", [g.op("Mul", [ln, s2]), b2])
         if self.active:
             f, experts = self.experts(b, h2, n)
             aux = (idx, experts)
         else:
             f = self.ffn(b, h2, n)
-        xs = g.op("Add", [xs, g.op("Mul", [f, g2])])
-        if self.active:
-            if self.lowering == "plugin":
-                x = g.op(TOKEN_SCATTER_OP, [x, g.cast(idx, I32), xs], domain=CUSTOM_DOMAIN, **PLUGIN_ATTRS)
-            else:
-                x = g.op("ScatterElements", [x, idx3, xs], axis=1)
+        skip = g.op("Mul", [f, g2])
+        if not self.active:
+            return xs, skip, kv, aux
+        xs = g.op("Add", [xs, skip])
+        if self.lowering == "plugin":
+            x = g.op(TOKEN_SCATTER_OP, [x, g.cast(idx, I32), xs], domain=CUSTOM_DOMAIN, **PLUGIN_ATTRS)
         else:
-            x = xs
-        return x, kv, aux
+            x = g.op("ScatterElements", [x, idx3, xs], axis=1)
+        return x, None, kv, aux
 
     def attention(self, b, h_f32, n, cache):
+        """q, k and v in one (S, n, 3, H, 64) fp32 tensor: the qkv bias, the L2 norms (one ReduceL2) and
+        q's clamped scale applied to all three at once, v's divisor and factor being exactly 1."""
         g, S, C, H = self.g, self.S, self.C, self.H
         pre = f"blocks.{b}.attn"
-        zero = g.const(np.zeros(C, np.float32), hint="zk")
-        bias = g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero, g.cast(g.w(f"{pre}.v_bias"), F32, self.P)], axis=0)
-        qkv = g.op("Gemm", [g.reshape(self.g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), self.g.to_p(bias)], transB=1)
+        qkv = g.gemm(g.reshape(g.to_p(h_f32), -1, C), f"{pre}.mat_qkv.weight")            # (S·n, 3C), no bias
+        zero = self.shared(("zeros", C))
+        bias = g.reshape(g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero,
+                                         g.cast(g.w(f"{pre}.v_bias"), F32, self.P)], axis=0), 3, H, 64)
+        qkv = g.op("Add", [g.reshape(g.to_f32(qkv), S, n, 3, H, 64), bias])
         scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])   # (1, H, 1, 1)
+        factor = g.op("Concat", [g.reshape(scale, 1, H, 1), self.shared(("ones", 2, H, 1))], axis=0)
+        is_v = self.shared(("is_v",))
+        nrm = g.op("Max", [g.op("ReduceL2", [qkv], axes=[-1], keepdims=1), g.scalar(1e-12)])   # F.normalize's eps
+        qkv = g.to_p(g.op("Mul", [g.op("Div", [qkv, g.op("Where", [is_v, g.scalar(1.0), nrm])]), factor]))
         if self.fused:
-            return self._fused_attention(pre, qkv, scale, n, cache)
-        qkv = g.op("Transpose", [g.reshape(qkv, S, n, 3, H, 64)], perm=[2, 0, 3, 1, 4])    # 3 S H n c
-        q, k, v = [g.reshape(g.slice(qkv, [i], [i + 1], [0]), S, H, n, 64) for i in range(3)]
-        q, k = self._l2norm(self.g.to_f32(q)), self._l2norm(self.g.to_f32(k))
-        q, k = self.g.to_p(g.op("Mul", [q, scale])), self.g.to_p(k)
+            return self._fused_attention(pre, qkv, n, cache)
+        qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                                # 3 S H n c
+        q, k, v = [g.reshape(p, S, H, n, 64) for p in g.split(qkv, 3, 1, axis=0)]
         k_all = k if cache is None else g.op("Concat", [cache[0], k], axis=2)
         v_all = v if cache is None else g.op("Concat", [cache[1], v], axis=2)
         att = g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
         att = self.g.to_p(g.op("Softmax", [self.g.to_f32(att)], axis=-1))
         o = g.op("Transpose", [g.op("MatMul", [att, v_all])], perm=[0, 2, 1, 3])        # S n H c
-        return self._proj(pre, o), (k_all, v_all)
+        return self._proj(pre, o), [k_all, v_all]
 
-    def _fused_attention(self, pre, qkv, scale, n, cache):
-        """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider): q and k
-        L2-normalised, q pre-multiplied by the clamped scale, op scale 1, no mask; the op appends the
+    def _fused_attention(self, pre, qkv, n, cache):
+        """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider) on the
+        normalised q, k (q pre-multiplied by the clamped scale) and v: op scale 1, no mask; the op appends the
         current keys/values to the cache prefix (past -> present, both (S, H, L, 64))."""
         g, S, H, C = self.g, self.S, self.H, self.C
-        q, k, v = [g.reshape(g.slice(g.reshape(qkv, S, n, 3, H, 64), [i], [i + 1], [2]), S, n, H, 64) for i in range(3)]
-        q = g.op("Mul", [self._l2norm(self.g.to_f32(q)), g.reshape(scale, H, 1)])
-        k = self._l2norm(self.g.to_f32(k))
-        ins = [g.reshape(self.g.to_p(q), S, n, C), g.reshape(self.g.to_p(k), S, n, C), g.reshape(v, S, n, C)]
+        ins = [g.reshape(p, S, n, C) for p in g.split(qkv, 3, 1, axis=2)]
         if cache is not None:
             ins += ["", "", "", cache[0], cache[1]]
         o, k_all, v_all = g.op("MultiHeadAttention", ins, n_out=3, domain=ORT_DOMAIN, num_heads=H, scale=1.0)
-        return self._proj(pre, o), (k_all, v_all)
+        return self._proj(pre, o), [k_all, v_all]
 
     def _proj(self, pre, o):
         g = self.g
         out = self.g.to_f32(g.gemm(g.reshape(o, -1, self.C), f"{pre}.proj.weight", f"{pre}.proj.bias"))
         return g.reshape(out, self.S, -1, self.C)
 
-    def _l2norm(self, x):
-        g = self.g
-        nrm = g.op("ReduceL2", [x], axes=[-1], keepdims=1)
-        return g.op("Div", [x, g.op("Max", [nrm, g.scalar(1e-12)])])
-
-    def _fc1_gelu(self, b, h2_f32):
-        g = self.g
-        a = g.gemm(g.reshape(self.g.to_p(h2_f32), -1, self.C), f"blocks.{b}.ffn.fc1.weight", f"blocks.{b}.ffn.fc1.bias")
-        a = self.g.to_f32(a)
-        return self.g.to_p(g.op("FastGelu", [a], domain=ORT_DOMAIN) if self.fast_gelu else g.gelu_tanh(a, F32))
+    def _fc1_gelu(self, b, h2p):
+        """GELU(h2 · fc1ᵀ + b1) in fp32 from h2 (T, C) in the graph precision; the result in the graph precision.
+        onnxruntime target: the GEMM without bias and FastGelu adding the bias (one kernel for bias and GELU)."""
+        g, pre = self.g, f"blocks.{b}.ffn.fc1"
+        if self.fast_gelu:
+            a = g.to_f32(g.gemm(h2p, pre + ".weight"))
+            return g.to_p(g.op("FastGelu", [a, g.cast(g.w(pre + ".bias"), F32, self.P)], domain=ORT_DOMAIN))
+        return g.to_p(g.gelu_tanh(g.to_f32(g.gemm(h2p, pre + ".weight", pre + ".bias")), F32))
 
     def ffn(self, b, h2, n):
         g = self.g
-        out = g.gemm(self._fc1_gelu(b, h2), f"blocks.{b}.ffn.fc2.weight", f"blocks.{b}.ffn.fc2.bias")
+        h2p = g.reshape(g.to_p(h2), -1, self.C)
+        out = g.gemm(self._fc1_gelu(b, h2p), f"blocks.{b}.ffn.fc2.weight", f"blocks.{b}.ffn.fc2.bias")
         return g.reshape(self.g.to_f32(out), self.S, n, self.C)
 
     def experts(self, b, h2, n):
         g, C, N, kw = self.g, self.C, self.N, self.k_w
         T = self.S * n
         pre = f"blocks.{b}.ffn"
-        h2p = g.reshape(self.g.to_p(h2), T, C)
+        h2p = g.reshape(self.g.to_p(h2), T, C)                                          # one Cast for both GEMMs
         router = self.g.to_f32(g.gemm(h2p, f"{pre}.router.weight", f"{pre}.router.bias"))    # (T, N)
         if self.lowering == "plugin":
             out, e32 = g.op(EXPERT_FFN_OP, [h2p, router, g.w(f"{pre}.fc1.weight"), g.w(f"{pre}.fc1.bias"),
@@ -273,23 +328,21 @@ class StepBuilder:
             experts = self.topk_indices(router, kw)                                     # (T, kw) ascending
             ones = g.op("ConstantOfShape", [g.i64(T, kw)], value=_f32_tensor(1.0))
             zeros = g.op("ConstantOfShape", [g.i64(T, N)], value=_f32_tensor(0.0))
-            mask = g.op("ScatterElements", [zeros, experts, ones], axis=1)            # (T, N)
+            mask = g.to_p(g.op("ScatterElements", [zeros, experts, ones], axis=1))      # (T, N) 0/1, exact in P
             d_e = 4 * C // N
-            mask_h = g.reshape(g.op("Expand", [g.op("Unsqueeze", [mask, g.i64(-1)]), g.i64(T, N, d_e)]), T, 4 * C)
-            act = g.op("Mul", [self._fc1_gelu(b, h2), self.g.to_p(mask_h)])
-            out = g.gemm(act, f"{pre}.fc2.weight", f"{pre}.fc2.bias")
+            act = g.op("Mul", [g.reshape(self._fc1_gelu(b, h2p), T, N, d_e), g.op("Unsqueeze", [mask, g.i64(-1)])])
+            out = g.gemm(g.reshape(act, T, 4 * C), f"{pre}.fc2.weight", f"{pre}.fc2.bias")
         return (g.reshape(self.g.to_f32(out), self.S, n, C),
                 g.reshape(experts, self.S, n, kw))
 
-    def head(self, x, cond_silu):
+    def head(self, x, skip):
         g, S, C, l, B = self.g, self.S, self.C, self.l, self.B
-        ada = self.g.to_f32(g.gemm(self.g.to_p(cond_silu), "head_nm.ada_lin.1.weight", "head_nm.ada_lin.1.bias"))
-        scale = g.op("Unsqueeze", [g.slice(ada, [0], [C], [1]), g.i64(1)])
-        shift = g.op("Unsqueeze", [g.slice(ada, [C], [2 * C], [1]), g.i64(1)])
-        hn = g.op("Add", [g.op("Mul", [g.layer_norm(x, C), g.op("Add", [scale, g.scalar(1.0)])]), shift])
+        scale, shift = self.ada("head_nm.ada_lin.1", 2, (0,))                             # scale holds 1 + scale
+        ln, x = self.add_norm(x, skip)
+        hn = g.op("Add", [g.op("Mul", [ln, scale]), shift])
         logits = self.linear(hn, [S, l], C, self.V, "head")                               # (S, l, V)
         t = g.op("Mul", ["cfg", g.scalar(self.si / (NUM_SCALES - 1))])
-        cond_l, unc_l = g.slice(logits, [0], [B], [0]), g.slice(logits, [B], [2 * B], [0])
+        cond_l, unc_l = g.split(logits, 2, B, axis=0)
         lc = g.op("Sub", [g.op("Mul", [cond_l, g.op("Add", [t, g.scalar(1.0)])]), g.op("Mul", [unc_l, t])])
         self._cfg_logits = lc
         return lc
@@ -321,15 +374,15 @@ class StepBuilder:
 
 
 def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
-    """The `noise` sampler of design §3 on logits lc (..., V): top-k keeps every logit >= the k-th
+    """The `noise` sampler of design §3 on logits lc (N, l, V): top-k keeps every logit >= the k-th
     largest (a tie group at the cut survives whole, so more than k may survive); top-p walks the survivors
     in descending order (equal logits by ascending id) with p normalised over ALL survivors; the draw is
     the inverse CDF in vocabulary order. A static TopK returns k values: the n_x survivors beyond them all
     equal the k-th value, so they enter the normaliser and the tail sums analytically (j·p_k for the j-th
     from the end), and the kept set is "logit > last kept value, plus the first m ids equal to it".
     The vocabulary sums are one CumSum each: fp32 additions one id after the other, the order of design §3
-    that `sampling.inverse_cdf` reproduces (ONNX Runtime's CUDA CumSum costs O(V²) per row this way)."""
-    cumsum = lambda x: g.op("CumSum", [x, g.i64(-1)])  # noqa: E731
+    that `sampling.inverse_cdf` reproduces (ONNX Runtime's CUDA CumSum costs O(V²) per row this way); the count
+    of tied ids needs no order (`running_count`)."""
     vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)     # (..., k) desc
     mx, kth = g.slice(vals, [0], [1], [-1]), g.slice(vals, [k - 1], [k], [-1])
     survive = g.op("GreaterOrEqual", [lc, kth])                                          # (..., V)
@@ -350,14 +403,26 @@ def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
     above = g.op("Greater", [lc, last])
     at = g.op("Equal", [lc, last])
     m = g.op("Sub", [keep_n, g.op("ReduceSum", [g.cast(above, I64), g.i64(-1)], keepdims=1)])
-    first_m = g.op("LessOrEqual", [cumsum(g.cast(at, F32)), g.cast(m, F32)])   # exact < 2^24
+    first_m = g.op("LessOrEqual", [running_count(g, g.cast(at, F32), V), g.cast(m, F32)])
     keep = g.op("Or", [above, g.op("And", [at, first_m])])
     w = g.op("Where", [keep, e, g.scalar(0.0)])
-    cdf = cumsum(w)
+    cdf = g.op("CumSum", [w, g.i64(-1)])
     total = g.slice(cdf, [V - 1], [V], [-1])
     below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
     count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
     return g.op("Min", [count, g.i64(V - 1)])
+
+
+def running_count(g: Graph, ind: str, V: int, block: int = 64) -> str:
+    """Inclusive running sum of a 0/1 fp32 indicator (N, l, V) along V: exact in any summation order below
+    2^24, so computed within blocks of `block` ids plus the exclusive running sum of the blocks' totals:
+    O(V) work, where one CumSum over V costs ONNX Runtime's CUDA kernel O(V²) per row."""
+    if V % block or V <= block:
+        return g.op("CumSum", [ind, g.i64(-1)])
+    x = g.op("Reshape", [ind, g.i64(0, 0, V // block, block)])
+    inner = g.op("CumSum", [x, g.i64(-1)])
+    carry = g.op("CumSum", [g.op("ReduceSum", [x, g.i64(-1)], keepdims=1), g.i64(-2)], exclusive=1)
+    return g.op("Reshape", [g.op("Add", [inner, carry]), g.i64(0, 0, V)])
 
 
 def _f32_tensor(v: float):
