@@ -223,6 +223,13 @@ PY
     return $rc
 }
 
+build_ort_ops() {
+    # libactvar_ort_ops.so into $BUILD/ort against the ONNX Runtime C API headers in $1, appending to the log $2
+    cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
+        -DONNXRUNTIME_INCLUDE_DIR="$1" >> "$2" 2>&1 &&
+        cmake --build "$BUILD" -j "$(nproc)" --target actvar_ort_ops >> "$2" 2>&1
+}
+
 section_ortops() {
     # libactvar_ort_ops.so (plugins/ort) for sm_90 against the ONNX Runtime C API headers, then its GPU tests on
     # onnxruntime-gpu: ONNXRUNTIME_INCLUDE_DIR names the headers (../shared does not travel to the device: carry a
@@ -231,10 +238,8 @@ section_ortops() {
     echo "== ortops: libactvar_ort_ops.so (CUDA archs $ARCHS, headers $headers) + tests/test_ort_ops.py on onnxruntime-gpu"
     [ -f "$headers/onnxruntime_c_api.h" ] || { echo "no onnxruntime_c_api.h in $headers"; return 1; }
     ort_gpu_site || return 1
-    cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
-        -DONNXRUNTIME_INCLUDE_DIR="$headers" > "$OUT/build_ortops.log" 2>&1 &&
-        cmake --build "$BUILD" -j "$(nproc)" --target actvar_ort_ops >> "$OUT/build_ortops.log" 2>&1 ||
-        { tail -20 "$OUT/build_ortops.log"; return 1; }
+    : > "$OUT/build_ortops.log"
+    build_ort_ops "$headers" "$OUT/build_ortops.log" || { tail -20 "$OUT/build_ortops.log"; return 1; }
     ACTVAR_ORT_OPS_LIB=$BUILD/ort/libactvar_ort_ops.so ACTVAR_REQUIRE_ORT_OPS=1 PYTHONPATH=/tmp/site:$PYTHONPATH \
         python3 -m pytest -m gpu tests/test_ort_ops.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ortops.log" | tail -30
     return ${PIPESTATUS[0]}
@@ -257,10 +262,8 @@ section_cpp() {
         -DTensorRT_INCLUDE_DIR="$trt_inc" > "$OUT/cpp_build.log" 2>&1 && cmake --build "$b" -j "$(nproc)" >> "$OUT/cpp_build.log" 2>&1 ||
         { tail -20 "$OUT/cpp_build.log"; return 1; }
     if [ -z "$ops" ]; then
-        cmake -S plugins -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" \
-            -DONNXRUNTIME_INCLUDE_DIR="$ort_inc" >> "$OUT/cpp_build.log" 2>&1 &&
-            cmake --build "$BUILD" -j "$(nproc)" --target actvar_ort_ops >> "$OUT/cpp_build.log" 2>&1 &&
-            ops=$BUILD/ort/libactvar_ort_ops.so || echo "!! libactvar_ort_ops.so did not build (see cpp_build.log)"
+        build_ort_ops "$ort_inc" "$OUT/cpp_build.log" && ops=$BUILD/ort/libactvar_ort_ops.so ||
+            echo "!! libactvar_ort_ops.so did not build (see cpp_build.log)"
     fi
     PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_cpp.py --actvar-run "$b/actvar-run" --lowering portable \
         --workdir "/tmp/cppbench_$$" --json "$OUT/bench_cpp_portable.json" > "$OUT/bench_cpp.log" 2>&1 || rc=1

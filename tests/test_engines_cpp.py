@@ -171,7 +171,7 @@ def test_bad_options_one_error_line(build_dir, bundle, tmp_path):
 
 def test_timing_line_is_in_process_median(build_dir, bundle, tmp_path):
     """--iters N --warmup W: the last stdout line is JSON with the median ms of the N timed generations (the
-    process's start-up and session creation excluded); the images are those of a plain run."""
+    process start-up and the creation of its sessions excluded); the images are those of a plain run."""
     if Path(bundle).name != "portable":
         pytest.skip("one lowering is enough for the CLI's timing")
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 // ONNX Runtime backend, the CUDA path (the Python runtime's buffer plan, actvar_export/runtime/ort_runtime.py):
 // - weights.bin copied once to device memory; every initializer of every session is a view of it handed over
-//   with AddInitializer (no copy), and session.disable_prepacking keeps ONNX Runtime from repacking them;
+//   with AddInitializer (no copy); session.disable_prepacking keeps ONNX Runtime from repacking them;
 // - one arena for the intermediates of all sessions, registered with the environment (session.use_env_allocators);
 // - fixed-address device buffers for every input and output, bound once with an IoBinding: a carried tensor
 //   (x, KV cache, f_hat) alternates between two buffers, the ids of every step are slices of one buffer, the
