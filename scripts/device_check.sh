@@ -289,7 +289,8 @@ section_triton() {
     echo "== triton: tritonserver (nvidia-pytriton) vs in-process images/s"
     ort_gpu_site || return 1
     export PIP_NO_INDEX=1 PIP_FIND_LINKS=$TRITON_WHEELS
-    python3 -c "import tritonclient.grpc, pytriton" || return 1
+    # the server binary is located, not imported (pytriton's own client needs gevent, absent here)
+    python3 -c "import importlib.util, tritonclient.grpc; assert importlib.util.find_spec('pytriton'), 'no pytriton'" || return 1
     python3 benchmarks/bench_triton.py ${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
         --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton.json" 2>&1 | tee "$OUT/bench_triton.log" | tail -20
     return ${PIPESTATUS[0]}
@@ -346,7 +347,8 @@ section_validate_gpu() {
     # d16 fp16 bundles (portable, and plugin: its ActVarExpertFFN/TokenScatter run through ONNX Runtime's
     # Python custom ops, or the GPU runtime once it lands) validated through ONNX Runtime's CUDA EP under the
     # rules of docs/validation.md; the reports (report.md, grid.png, errors.png) come back under $OUT.
-    # Needs onnxruntime-gpu as section_ort installs it.
+    # Needs onnxruntime-gpu as section_ort installs it. VALIDATE_PROVIDERS (default cuda; cuda,cpu adds the CPU
+    # provider's emulated fp16 run, CPU-bound: minutes at d16).
     echo "== validate_gpu: d16 fp16 bundles through the CUDA EP"
     local w=/tmp/validate_gpu_$$ rc=0
     mkdir -p "$w" /tmp/ortrt
@@ -355,7 +357,7 @@ section_validate_gpu() {
     ln -sf /tmp/ortrt/d16.pt "$w/d16.pt"
     for low in portable plugin; do
         python3 -m actvar_export build --ckpt "$w/d16.pt" --out "$w/b_$low" --batch "${VALIDATE_BATCH:-4}" --precision fp16 --lowering $low --force || { rc=1; continue; }
-        python3 -m actvar_export validate --bundle "$w/b_$low" --ckpt "$w/d16.pt" --providers cuda,cpu \
+        python3 -m actvar_export validate --bundle "$w/b_$low" --ckpt "$w/d16.pt" --providers "${VALIDATE_PROVIDERS:-cuda}" \
             --report "$w/report_$low" 2>&1 | tee "$OUT/validate_d16_fp16_$low.log" | tail -20
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
         # one file per report ($OUT returns few files); polygraphy/ (d16 caches, large) stays behind

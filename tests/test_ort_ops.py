@@ -295,4 +295,4 @@ def test_plugin_bundle_on_cuda_teacher_forced(ort_cuda, actvar_ckpt, tmp_path, p
     assert rep.failures == [], rep.table()
     assert {"sel_idx", "experts"} <= set(rep.scales[9].agreement)
     if precision == "fp32":
-        assert max(max(s.errors.values()) for s in rep.scales if not s.diverged) <= 1e-4
+        assert max(max(s.errors.values()) for s in rep.scales if s.errors) <= 1e-4
