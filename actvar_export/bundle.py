@@ -18,7 +18,7 @@ from .fsutil import os_error_in, remove_stale, replace_dir, temp_dir, write_erro
 
 MANIFEST = "manifest.json"
 DIGESTS = "manifest.sha256.json"    # sha256 of each manifest field: an edited manifest names the field
-FORMAT = 1
+FORMAT = 2
 DECODER = "decoder.onnx"
 GRAPHS_SHARE = 1.05                 # bundle bytes / weights bytes: the graphs take < 2 % (tests/test_export.py)
 
@@ -65,7 +65,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
     from .checkpoint import load_checkpoint
     from .export.decoder import build_decoder
     from .export.graph import IR_VERSION, OPSET, PRECISION_TYPES, decoder_precision
-    from .export.step import LOWERINGS, TARGETS, attention_kind, build_step, gelu_kind, io_shapes
+    from .export.step import LOWERINGS, TARGETS, attention_kind, build_step, carried, gelu_kind, io_shapes
     from .export.weights import WEIGHTS_FILE, WeightStore
     from . import options
 
@@ -135,7 +135,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             "batch": batch, "precision": precision, "decoder_precision": decoder_precision(precision), "lowering": lowering, "top_k": top_k,
             "target": target, "attention": attention_kind(target, precision), "gelu": gelu_kind(target),
             "sampler": "noise", "opset": OPSET, "ir_version": IR_VERSION,
-            "graphs": graphs, "files": files, "checkpoint": ck_hash,
+            "graphs": graphs, "carried": carried(spec.var.depth), "files": files, "checkpoint": ck_hash,
             "vae": ({"file": str(Path(vae).resolve()), "sha256": sha256_file(Path(vae))} if vae else "embedded"),
             "versions": _versions(), "export_seconds": timings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "weights_bytes": store.total_bytes,

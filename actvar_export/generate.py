@@ -23,6 +23,10 @@ class SampleSettings:
     top_p: float = 0.96
     sampler: str = "official"
     more_smooth: bool = False
+    # noise sampler: the cumulative sum as torch computes it on the logits' device (on CUDA a parallel scan whose
+    # rounding can move a draw at a CDF boundary) instead of design §3's sequential fp32 order, which the
+    # reference computes on the host. For timing the eager code a deployment replaces (`bench`), never for validation.
+    device_cdf: bool = False
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -87,7 +91,8 @@ def generate(model: VAR, vae: VQVAE, label_B: torch.Tensor, settings: SampleSett
                 idx = multinomial(filtered, rng)
             else:
                 a = SCALE_BEGIN[si]
-                idx = sample_noise(logits, u_BL[:, a:a + pn * pn], settings.top_k, settings.top_p)
+                idx = sample_noise(logits, u_BL[:, a:a + pn * pn], settings.top_k, settings.top_p,
+                                   sequential=not settings.device_cdf)
             if settings.more_smooth:
                 ratio = si / (NUM_SCALES - 1)
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)

@@ -54,11 +54,12 @@ def multinomial(filtered_BlV: torch.Tensor, rng: Optional[torch.Generator]) -> t
     return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=rng).view(B, l)
 
 
-def inverse_cdf(weights_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(weights_BlV: torch.Tensor, u_Bl: torch.Tensor, sequential: bool = True) -> torch.Tensor:
     """First id (vocabulary order) whose cumulative weight exceeds u·total (weights need not sum to 1).
     fp32 weights are summed in fp32, one after the other in vocabulary order, as the exported graphs
-    do (torch's CPU cumsum accumulates in fp64, which moves u·total across a boundary once in ~10^4 rows)."""
-    if weights_BlV.dtype == torch.float32:
+    do (torch's CPU cumsum accumulates in fp64, which moves u·total across a boundary once in ~10^4 rows);
+    sequential=False: torch's cumsum on the weights' device instead (timing only, see SampleSettings.device_cdf)."""
+    if weights_BlV.dtype == torch.float32 and sequential:
         cdf = torch.from_numpy(np.cumsum(weights_BlV.cpu().numpy(), axis=-1, dtype=np.float32)).to(weights_BlV.device)
     else:
         cdf = weights_BlV.cumsum(dim=-1)
@@ -66,13 +67,14 @@ def inverse_cdf(weights_BlV: torch.Tensor, u_Bl: torch.Tensor) -> torch.Tensor:
     return (cdf <= thresh).sum(dim=-1).clamp_max(weights_BlV.shape[-1] - 1)
 
 
-def sample_noise(logits_BlV: torch.Tensor, u_Bl: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def sample_noise(logits_BlV: torch.Tensor, u_Bl: torch.Tensor, top_k: int, top_p: float,
+                 sequential: bool = True) -> torch.Tensor:
     """The `noise` sampler: the filter, then the inverse CDF over exp(logit - max) of the kept ids
     (the unnormalised weights the exported graphs accumulate, in fp32)."""
     logits = logits_BlV.float()
     kept = torch.isfinite(filter_top_k_top_p(logits, top_k, top_p))
     w = torch.where(kept, (logits - logits.amax(dim=-1, keepdim=True)).exp(), 0.0)
-    return inverse_cdf(w, u_Bl)
+    return inverse_cdf(w, u_Bl, sequential)
 
 
 def gumbel_soft(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """C++ runtime (`actvar-run`, engines/) against the Python runtime on the same bundle and GPU: sampled ids
 identical for the same classes and seed, and images/second at each batch. Both sides are timed in-process over
-the same number of generations after two untimed ones (CUDA graph capture): the Python runtime's `generate`,
-and actvar-run's own median ms per generation (`--iters N --warmup 2`, its last stdout line, JSON), which also
-covers its noise and uint8 conversion but neither process start-up nor session creation. Prints a table, writes
-JSON.
+the same number of generations after two untimed ones (CUDA graph capture), each doing the same work: classes
+and seed in, uint8 images out (the noise of the seed, the generation, the conversion of the images to uint8).
+Python: `noise_for`, the runtime's `generate`, `to_uint8`; C++: actvar-run's own median ms per generation
+(`--iters N --warmup 2`, its last stdout line, JSON). Neither side counts process start-up or session creation.
+Prints a table, writes JSON.
 
     python3 benchmarks/bench_cpp.py --actvar-run build/engines/actvar-run --depth 16 --precision fp16 \
         --lowering portable --batches 1,16 --json $OUT/bench_cpp.json [--custom-op-library LIB]
@@ -56,6 +57,7 @@ def main():
     from actvar_export.init import init_checkpoint
     from actvar_export.runtime.custom_ops import ENV_VAR
     from actvar_export.runtime.ort_runtime import Runtime
+    from actvar_export.images import to_uint8
     from actvar_export.sampling import noise_for
 
     if a.custom_op_library:    # the Python runtime finds the same library through its environment variable
@@ -71,13 +73,17 @@ def main():
                              precision=a.precision, lowering=a.lowering, force=True, show_progress=False)
         labels = [(37 * i) % 1000 for i in range(B)]
         backend = Runtime(Bundle.open(bpath), "cuda")                 # the Python runtime (CUDA graphs, bound buffers)
-        lab, u = np.array(labels, np.int64), noise_for(B, a.seed, 680).numpy()
+        lab = np.array(labels, np.int64)
+
+        def job():                                                     # classes and seed in, uint8 images out
+            images, ids = backend.generate(lab, noise_for(B, a.seed, 680).numpy(), 1.5, 0.96)
+            return to_uint8(images), ids
         for _ in range(2):                                             # warm-up (graph capture), and its ids
-            _, ids = backend.generate(lab, u, 1.5, 0.96)
+            _, ids = job()
         times = []
         for _ in range(a.iters):
             t = time.perf_counter()
-            backend.generate(lab, u, 1.5, 0.96)
+            job()
             times.append(time.perf_counter() - t)
         py_ips = B / float(np.median(times))
         py_graphs = backend.graph_report()

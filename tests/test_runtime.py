@@ -51,10 +51,15 @@ def test_buffer_plan(rt, bundle):
     assert inits and all(lo <= v.data_ptr() < hi and ov.data_ptr() == v.data_ptr() for v, ov in inits.values())
     addr = rt.bound_addresses()
     assert len(addr) == NUM_SCALES + 1
+    carried = bundle.manifest["carried"]
+    assert {"x_in", "f_hat_in", "k_in.0", "v_in.0"} <= set(carried)
     for si in range(1, NUM_SCALES):
-        for i, o in (("x_in", "x_next"), ("kv_in", "kv_out"), ("f_hat_in", "f_hat_out")):
+        assert set(carried) <= set(addr[si])
+        for i, o in carried.items():
             assert addr[si][i] == addr[si - 1][o], (si, i)
-        assert addr[si]["kv_out"] != addr[si]["kv_in"]
+            assert addr[si].get(o) != addr[si][i], (si, o)     # ping-pong: never written where it is read
+    cache_out = [a for n, a in addr[NUM_SCALES - 1].items() if n[:6] in ("k_out.", "v_out.")]
+    assert len(set(cache_out)) == len(cache_out) == 2 * bundle.manifest["model"]["depth"]
     assert addr[NUM_SCALES]["f_hat"] == addr[NUM_SCALES - 1]["f_hat_out"]
     for s in rt._sessions.values():
         assert s.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"

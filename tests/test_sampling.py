@@ -75,6 +75,23 @@ def test_inverse_cdf_never_runs_past_the_end():
     assert inverse_cdf(probs, torch.tensor([0.2])).item() == 1  # first id whose cumulative EXCEEDS u
 
 
+def test_device_cdf_draws_the_same_ids_away_from_boundaries():
+    """SampleSettings.device_cdf (bench's eager timing): torch's own cumsum in place of the sequential fp32 scan.
+    Both are inverse-CDF draws of the same weights: their ids agree wherever u·total is not within the two sums'
+    rounding of a CDF edge, and the check fails once the weights differ."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(8, 64, 4096, generator=g) * (torch.rand(8, 64, 4096, generator=g) > 0.7)
+    u = torch.rand(8, 64, generator=g)
+    seq, dev = inverse_cdf(w, u), inverse_cdf(w, u, sequential=False)
+    cdf = w.double().cumsum(-1)
+    thr = u.double().unsqueeze(-1) * cdf[..., -1:]
+    near = ((cdf - thr).abs() < 2e-5 * cdf[..., -1:]).any(-1)     # an edge within fp32 summation error of u·total
+    assert near.float().mean() < 0.2 and bool((seq == dev)[~near].all())
+    assert bool((inverse_cdf(w.flip(-1), u, sequential=False) != seq)[~near].any())
+    s = SampleSettings(sampler="noise", device_cdf=True)
+    assert s.device_cdf and not SampleSettings(sampler="noise").device_cdf
+
+
 def test_official_sampler_reproduces_multinomial_stream():
     g0 = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 30, 4096, generator=g0) * 3

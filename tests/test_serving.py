@@ -27,7 +27,7 @@ class RowBackend:
         f[:, 0] = (lab[:, None, None] % 7) / 7 + 0 * f[:, 0]
         f[:, 1] = u[:, :1, None]           # this row's own uniforms
         f[:, 2] = feed["cfg"][0] / 10 + feed["top_p"][0] / 10
-        return {"idx": np.zeros(u.shape, np.int64), "f_hat_out": f, "x_next": lab, "kv_out": lab}
+        return {"idx": np.zeros(u.shape, np.int64), "f_hat_out": f, "x_next": lab}
 
     def generate(self, labels_B, u_BL, cfg, top_p, progress=None):   # the runtime's contract, over infer()
         images, ids, _, _ = run_bundle(self, labels_B, u_BL, cfg, top_p, progress=progress)

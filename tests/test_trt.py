@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from actvar_export.bundle import Bundle, build_bundle, write_manifest
+from actvar_export.bundle import FORMAT, Bundle, build_bundle, write_manifest
 from actvar_export.errors import ActVarError
 
 FP16 = "fp16"
@@ -217,10 +217,11 @@ def test_every_graph_parses_and_plugins_resolve(bundles, plugin_lib, kind):
         assert got == counts == g["plugin_layers"], name
         if name.startswith("step_"):
             outs = rep["outputs"]
-            assert outs["kv_out"]["dtype"] == {"fp16": "HALF", "bf16": "BF16"}[m["precision"]]
+            for kv in ("k_out.0", f"v_out.{m['model']['depth'] - 1}"):     # the per-block caches, first and last
+                assert outs[kv]["dtype"] == {"fp16": "HALF", "bf16": "BF16"}[m["precision"]]
+                assert outs[kv]["shape"] == m["graphs"][name]["outputs"][kv][1]
             assert outs["logits"]["dtype"] == "FLOAT"
             assert outs["idx"]["dtype"] == "INT64" and outs["f_hat_out"]["dtype"] == "FLOAT"
-            assert outs["kv_out"]["shape"] == m["graphs"][name]["outputs"]["kv_out"][1]
         else:
             assert rep["outputs"]["image"] == {"dtype": "FLOAT", "shape": [1, 3, 256, 256]}
     if lowering == "plugin":
@@ -281,7 +282,7 @@ def fake_bundle(root, graphs, precision="fp16", lowering="plugin"):
     root.mkdir(parents=True, exist_ok=True)
     tp = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
           "bfloat16": onnx.TensorProto.BFLOAT16, "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}
-    man = {"format": 1, "precision": precision, "lowering": lowering, "graphs": {}, "files": {}}
+    man = {"format": FORMAT, "precision": precision, "lowering": lowering, "graphs": {}, "files": {}}
     for name, (nodes, ins, outs) in graphs.items():
         vi = lambda d: [helper.make_tensor_value_info(n, tp[t], s) for n, (t, s) in d.items()]
         g = helper.make_graph(nodes, name, vi(ins), vi(outs))
@@ -359,7 +360,7 @@ def test_bf16_bundle_checks_and_parses(actvar_ckpt, tmp_path, request, target):
             if name == "decoder":
                 assert outs["image"] == {"dtype": "FLOAT", "shape": [1, 3, 256, 256]}
             else:
-                assert outs["kv_out"]["dtype"] == "BF16" and outs["f_hat_out"]["dtype"] == "FLOAT"
+                assert outs["k_out.0"]["dtype"] == "BF16" and outs["f_hat_out"]["dtype"] == "FLOAT"
     shutil.rmtree(path)                      # 260 MB of weights: not kept until the session ends
 
 

@@ -3,11 +3,14 @@ top-k/top-p, codebook lookup, Phi and f_hat update, and the next scale's input.
 
 I/O of the graph for scale si (S = 2B sequences, l = pn², Lc = cache length before the scale):
   inputs : labels i64 (B)                          all scales
-           x_in f32 (S, l, C), kv_in P (D, 2, S, H, Lc, 64), f_hat_in f32 (B, 32, 16, 16)   si > 0
+           x_in f32 (S, l, C), k_in.b and v_in.b P (S, H, Lc, 64) per block b, f_hat_in f32 (B, 32, 16, 16)   si > 0
            u f32 (B, l), cfg f32 (1), top_p f32 (1)
   outputs: idx i64 (B, l), logits f32 (B, l, V), f_hat_out f32 (B, 32, 16, 16),
-           kv_out P (D, 2, S, H, Lc + K_t, 64), x_next f32 (S, l_next, C) (si < 9),
+           k_out.b and v_out.b P (S, H, Lc + K_t, 64) per block b, x_next f32 (S, l_next, C) (si < 9),
            sel_idx i64 (D, S, K_t) and experts i64 (D, S, K_t, K_w) at ActVAR scales
+The KV cache travels per block: each block's attention writes its present cache straight into its graph
+output (no Split of one packed cache in, no Concat of all blocks out: two fewer whole-cache copies per step,
+and no tensor beyond ONNX Runtime's 2^31-element kernel indexing at d30, batch 32).
 """
 from __future__ import annotations
 
@@ -52,6 +55,21 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
     return A
 
 
+def cache_names(depth: int, side: str) -> list:
+    """The per-block KV cache tensors of a step graph, side "in" or "out": k_in.0, v_in.0, k_in.1, ..."""
+    return [f"{kv}_{side}.{b}" for b in range(depth) for kv in ("k", "v")]
+
+
+def carried(depth: int) -> dict:
+    """{step input: the previous step's output that feeds it}: what every runtime chains from step to step."""
+    return {"x_in": "x_next", **dict(zip(cache_names(depth, "in"), cache_names(depth, "out"))), "f_hat_in": "f_hat_out"}
+
+
+def is_cache(name: str) -> bool:
+    """k_out.b / v_out.b (or their inputs): one block's KV cache."""
+    return name[:2] in ("k_", "v_") and name.split(".")[0] in ("k_in", "v_in", "k_out", "v_out")
+
+
 def io_shapes(spec: ModelSpec, si: int, batch: int):
     """{name: (dtype tag, shape)} of the step graph's inputs and outputs (used by the manifest)."""
     v = spec.var
@@ -60,11 +78,13 @@ def io_shapes(spec: ModelSpec, si: int, batch: int):
     kt = spec.actvar.k_t(si) if spec.actvar else l
     ins = {"labels": ("int64", [batch])}
     if si:
-        ins.update({"x_in": ("float32", [S, l, C]), "kv_in": ("P", [D, 2, S, H, Lc0, 64]),
-                    "f_hat_in": ("float32", [batch, CVAE, 16, 16])})
+        ins["x_in"] = ("float32", [S, l, C])
+        ins.update({n: ("P", [S, H, Lc0, 64]) for n in cache_names(D, "in")})
+        ins["f_hat_in"] = ("float32", [batch, CVAE, 16, 16])
     ins.update({"u": ("float32", [batch, l]), "cfg": ("float32", [1]), "top_p": ("float32", [1])})
     outs = {"idx": ("int64", [batch, l]), "logits": ("float32", [batch, l, v.vocab]),
-            "f_hat_out": ("float32", [batch, CVAE, 16, 16]), "kv_out": ("P", [D, 2, S, H, Lc0 + kt, 64])}
+            "f_hat_out": ("float32", [batch, CVAE, 16, 16])}
+    outs.update({n: ("P", [S, H, Lc0 + kt, 64]) for n in cache_names(D, "out")})
     if si < NUM_SCALES - 1:
         outs["x_next"] = ("float32", [S, SCALE_LENS[si + 1], C])
     if spec.actvar and spec.actvar.is_active(si):
@@ -169,12 +189,6 @@ class StepBuilder:
         x = g.op("Add", [x, skip])
         return g.layer_norm(x, self.C), x
 
-    def split_cache(self, kv_in):
-        """kv_in (D, 2, S, H, Lc, 64) -> per block (k, v), each (S, H, Lc, 64): one Split for all blocks."""
-        g, D, S, H, Lc = self.g, self.D, self.S, self.H, self.Lc0
-        parts = [g.reshape(p, S, H, Lc, 64) for p in g.split(g.reshape(kv_in, 2 * D * S, H, Lc, 64), 2 * D, S, axis=0)]
-        return [(parts[2 * b], parts[2 * b + 1]) for b in range(D)]
-
     # ---------- graph ----------
     def build(self):
         g, B, S, C, l, si = self.g, self.B, self.S, self.C, self.l, self.si
@@ -187,7 +201,9 @@ class StepBuilder:
             caches, f_hat = [None] * self.D, g.op("ConstantOfShape", [g.i64(B, CVAE, 16, 16)], value=_f32_tensor(0.0))
         else:
             x = g.input("x_in", F32, [S, l, C])
-            caches = self.split_cache(g.input("kv_in", self.P, [self.D, 2, S, self.H, self.Lc0, 64]))
+            names = cache_names(self.D, "in")
+            ins = [g.input(n, self.P, [S, self.H, self.Lc0, 64]) for n in names]
+            caches = [(ins[2 * b], ins[2 * b + 1]) for b in range(self.D)]
             f_hat = g.input("f_hat_in", F32, [B, CVAE, 16, 16])
         u = g.input("u", F32, [B, l])
         cfg = g.input("cfg", F32, [1])
@@ -202,7 +218,6 @@ class StepBuilder:
                 sel.append(g.op("Unsqueeze", [aux[0], g.i64(0)]))
                 exps.append(g.op("Unsqueeze", [aux[1], g.i64(0)]))
         Lc1 = self.Lc0 + (self.k_t or l)
-        kv_out = g.reshape(g.concat(kvs, axis=0), self.D, 2, S, self.H, Lc1, 64)   # k0, v0, k1, ... in one Concat
 
         logits = self.head(x, skip)                                                      # (B, l, V) f32
         idx = self.sample(logits, u, top_p, cfg)
@@ -211,7 +226,8 @@ class StepBuilder:
         g.output(idx, "idx", I64, [B, l])
         g.output(self._cfg_logits, "logits", F32, [B, l, self.V])
         g.output(f_hat_out, "f_hat_out", F32, [B, CVAE, 16, 16])
-        g.output(kv_out, "kv_out", self.P, [self.D, 2, S, self.H, Lc1, 64])
+        for name, kv in zip(cache_names(self.D, "out"), kvs):                          # each block's present cache
+            g.output(kv, name, self.P, [S, self.H, Lc1, 64])
         if si < NUM_SCALES - 1:
             g.output(self.next_input(f_hat_out), "x_next", F32, [S, SCALE_LENS[si + 1], C])
         if self.active:

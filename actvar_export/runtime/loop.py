@@ -6,16 +6,19 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from ..config import NUM_SCALES, SCALE_BEGIN, SCALE_LENS
+from ..export.step import carried
 
 
 def step_feed(si: int, labels: np.ndarray, u: np.ndarray, cfg: float, top_p: float,
               prev: Optional[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Inputs of step graph si; the carried tensors (x_in, kv_in, f_hat_in) come from `prev` when given."""
+    """Inputs of step graph si; the carried tensors (x_in, each block's k_in/v_in, f_hat_in) come from the
+    previous step's outputs `prev` when given."""
     a, l = SCALE_BEGIN[si], SCALE_LENS[si]
     feed = {"labels": labels.astype(np.int64), "u": np.ascontiguousarray(u[:, a:a + l], dtype=np.float32),
             "cfg": np.array([cfg], np.float32), "top_p": np.array([top_p], np.float32)}
     if si and prev is not None:
-        feed.update({"x_in": prev["x_next"], "kv_in": prev["kv_out"], "f_hat_in": prev["f_hat_out"]})
+        depth = sum(1 for n in prev if n.startswith("k_out."))
+        feed.update({i: prev[o] for i, o in carried(depth).items()})
     return feed
 
 

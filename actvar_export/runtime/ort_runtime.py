@@ -9,7 +9,8 @@ Buffer plan (the same on both providers; torch tensors on the device, torch CPU 
   view of it handed over as an OrtValue (`SessionOptions.add_initializer`): one copy of the weights.
 - every session allocates its intermediates from one arena registered with the ONNX Runtime environment
   (`create_and_register_allocator[_v2]` + `session.use_env_allocators`): peak = the largest step.
-- `generate` binds preallocated fixed-address inputs and outputs: the carried tensors (x, KV cache, f_hat)
+- `generate` binds preallocated fixed-address inputs and outputs: the carried tensors (x, each block's KV cache, f_hat;
+  the manifest's `carried` map)
   ping-pong between two buffers, so step si's outputs are step si+1's inputs without a copy, and u, ids,
   labels, cfg, top_p live in buffers of their own. Only the ids and the images leave the device.
 - on CUDA each session may run as a CUDA graph (`enable_cuda_graph`), captured on its second run; a step
@@ -35,7 +36,6 @@ from .custom_ops import CUDA_PROVIDER, cuda_ops_library, register_cuda_ops
 DEVICES = ("cuda", "cpu")
 _CHUNK = 256 << 20
 _REGISTERED_ARENAS = set()     # (device, id): the environment allocator is registered once per process
-_CARRIED = {"x_in": "x_next", "kv_in": "kv_out", "f_hat_in": "f_hat_out"}
 
 
 def default_device() -> str:
@@ -255,11 +255,13 @@ class Runtime:
         new = lambda n, d: torch.empty(n, dtype=d, device=self.dev)
         # sizes: each carried output alternates between two buffers (step si writes buffer si % 2);
         # outputs generate does not read (logits, sel_idx, experts) share one scratch buffer each
+        carried = m["carried"]                      # step input -> the previous step's output feeding it
+        chained = set(carried.values())
         size: Dict[tuple, int] = {}
         kinds: Dict[str, object] = {}
         for si in range(NUM_SCALES):
             for name, (tag, shape) in m["graphs"][f"step_{si}"]["outputs"].items():
-                key = (name, si % 2) if name in _CARRIED.values() else (name,)
+                key = (name, si % 2) if name in chained else (name,)
                 size[key] = max(size.get(key, 0), numel(shape))
                 kinds[name] = dt(tag)
         bufs = {k: new(n, kinds[k[0]]) for k, n in size.items() if k[0] != "idx"}
@@ -274,8 +276,8 @@ class Runtime:
             io, addr = s.io_binding(), {}
             a, l = B * SCALE_BEGIN[si], B * SCALE_LENS[si]
             for name, (tag, shape) in g["inputs"].items():
-                if name in _CARRIED:
-                    t = bufs[(_CARRIED[name], (si - 1) % 2)][:numel(shape)].view(shape)
+                if name in carried:
+                    t = bufs[(carried[name], (si - 1) % 2)][:numel(shape)].view(shape)
                 elif name == "u":
                     t = plan["u"][a:a + l].view(shape)
                 else:
@@ -287,7 +289,7 @@ class Runtime:
                 if name == "idx":
                     t = plan["idx"][a:a + l].view(shape)
                 else:
-                    t = bufs[(name, si % 2) if name in _CARRIED.values() else (name,)][:numel(shape)].view(shape)
+                    t = bufs[(name, si % 2) if name in chained else (name,)][:numel(shape)].view(shape)
                 keep.append(t)
                 io.bind_ortvalue_output(name, _ortvalue(self.ort, t))
                 addr[name] = t.data_ptr()

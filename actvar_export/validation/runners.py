@@ -13,6 +13,7 @@ from polygraphy.common import TensorMetadata
 
 from .. import ops
 from ..config import NUM_SCALES
+from ..export.step import is_cache
 from ..model import VAR, BlockAux, cfg_logits
 from ..sampling import sample_noise
 from ..vqvae import VQVAE
@@ -26,7 +27,10 @@ BF16 = "bfloat16"    # numpy has none: bf16 inputs travel as fp32 arrays holding
 def graph_types(manifest: dict, graph: str) -> Dict[str, object]:
     """Input name -> numpy dtype of a bundle graph ('P' is the bundle's precision; BF16 for bf16)."""
     p = {"fp32": np.float32, "fp16": np.float16, "bf16": BF16}[manifest["precision"]]
-    return {n: (p if t == "P" else NP_TYPES[t]) for n, (t, _) in manifest["graphs"][graph]["inputs"].items()}
+    types = {n: (p if t == "P" else NP_TYPES[t]) for n, (t, _) in manifest["graphs"][graph]["inputs"].items()}
+    if any(is_cache(n) for n in types):
+        types["kv_in"] = p                  # the per-block caches packed into validation's kv_in (`pack_cache`)
+    return types
 
 
 def as_graph_feed(feed: Dict[str, np.ndarray], types: Dict[str, object]) -> Dict[str, np.ndarray]:
@@ -39,13 +43,51 @@ def as_graph_feed(feed: Dict[str, np.ndarray], types: Dict[str, object]) -> Dict
     return OrderedDict((k, cast(v, types.get(k, v.dtype))) for k, v in feed.items())
 
 
+def pack_cache(d: Dict[str, np.ndarray], side: str) -> "OrderedDict[str, np.ndarray]":
+    """Validation's view of the KV cache: the per-block tensors k_{side}.b, v_{side}.b (S, H, L, 64) of a step
+    graph stacked into one kv_{side} (D, 2, S, H, L, 64), in place of the first of them; other entries as they are.
+    The rules (tolerances, the pass-through check) read the cache of all blocks as one output."""
+    names = [n for n in d if is_cache(n) and n.split(".")[0].endswith(side)]
+    if not names:
+        return OrderedDict(d)
+    depth = len(names) // 2
+    packed = np.stack([np.stack([d[f"k_{side}.{b}"], d[f"v_{side}.{b}"]]) for b in range(depth)])
+    out = OrderedDict()
+    for k, v in d.items():
+        if k == names[0]:
+            out[f"kv_{side}"] = packed
+        elif k not in names:
+            out[k] = v
+    return out
+
+
+def unpack_cache(d: Dict[str, np.ndarray], side: str) -> "OrderedDict[str, np.ndarray]":
+    """The inverse of `pack_cache`: kv_{side} (D, 2, ...) back into the graph's k_{side}.b / v_{side}.b."""
+    out = OrderedDict()
+    for k, v in d.items():
+        if k == f"kv_{side}":
+            for b in range(v.shape[0]):
+                out[f"k_{side}.{b}"], out[f"v_{side}.{b}"] = v[b, 0], v[b, 1]
+        else:
+            out[k] = v
+    return out
+
+
 class _StepRunner(BaseRunner):
+    """Inputs in validation's view: the graph's own, with the per-block caches as one kv_in (`pack_cache`)."""
+
     def __init__(self, manifest: dict, graph: str, prefix: str):
         super().__init__(name=f"{prefix}:{graph}")
         self.graph = graph
         self._meta = TensorMetadata()
-        for n, (t, shape) in manifest["graphs"][graph]["inputs"].items():
-            t = graph_types(manifest, graph)[n]
+        types = graph_types(manifest, graph)
+        ins = manifest["graphs"][graph]["inputs"]
+        for n, (t, shape) in ins.items():
+            t = types[n]
+            if is_cache(n):
+                if not n.startswith("k_in.0"):
+                    continue
+                n, shape = "kv_in", [sum(1 for m in ins if m.startswith("k_in.")), 2, *shape]
             self._meta.add(n, np.float32 if t == BF16 else t, shape)
 
     def get_input_metadata_impl(self):
@@ -62,7 +104,7 @@ class BackendRunner(_StepRunner):
 
     def infer_impl(self, feed_dict):
         t = time.time()
-        out = self.backend.infer(self.graph, dict(feed_dict))
+        out = pack_cache(self.backend.infer(self.graph, dict(unpack_cache(feed_dict, "in"))), "out")
         self.inference_time = time.time() - t
         self.last = OrderedDict((k, v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in out.items())
         return self.last

@@ -15,7 +15,7 @@
 namespace actvar {
 
 namespace {
-constexpr int kFormat = 1;
+constexpr int kFormat = 2;
 using json = nlohmann::json;
 
 bool file_size(const std::string& path, uint64_t& size) {

@@ -24,6 +24,20 @@ struct GraphSpec {
     std::map<std::string, TensorSpec> inputs, outputs;
 };
 
+// The output of graph gi - 1 that feeds input `input` of graph gi > 0, or "" when the input is not carried: the
+// manifest's `carried` map (x_in <- x_next, k_in.b <- k_out.b and v_in.b <- v_out.b per block, f_hat_in <- f_hat_out)
+// and the decoder's f_hat <- f_hat_out.
+inline std::string carried_from(const std::string& input) {
+    if (input == "x_in") return "x_next";
+    if (input == "f_hat_in" || input == "f_hat") return "f_hat_out";
+    if (input.rfind("k_in.", 0) == 0 || input.rfind("v_in.", 0) == 0) return input.substr(0, 2) + "out" + input.substr(4);
+    return "";
+}
+inline bool is_cache_input(const std::string& input) { return input.rfind("k_in.", 0) == 0 || input.rfind("v_in.", 0) == 0; }
+inline bool is_carried_output(const std::string& out) {
+    return out == "x_next" || out == "f_hat_out" || out.rfind("k_out.", 0) == 0 || out.rfind("v_out.", 0) == 0;
+}
+
 // A bundle checked against its manifest: every listed file present with its size (and sha256).
 struct Bundle {
     BundleInfo info;

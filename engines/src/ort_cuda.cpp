@@ -32,7 +32,6 @@ size_t numel(const std::vector<int64_t>& dims) {
     return n;
 }
 
-bool is_carried(const std::string& output) { return output == "x_next" || output == "kv_out" || output == "f_hat_out"; }
 }  // namespace
 
 void OrtEngine::open_cuda() {
@@ -118,7 +117,7 @@ void OrtEngine::plan_cuda() {
     out_h_ = cuda_->host_alloc(per_u * 8 + size_t(B) * 3 * kImageSize * kImageSize * 4, "ids and image");
     // a carried output of graph gi lives in buffer gi % 2 (graph gi + 1 reads it while writing the other one);
     // an output nothing reads on the device (logits, the image, ...) has one buffer; each sized for its largest use
-    auto key = [](const std::string& out, int gi) { return is_carried(out) ? out + "#" + std::to_string(gi % 2) : out; };
+    auto key = [](const std::string& out, int gi) { return is_carried_output(out) ? out + "#" + std::to_string(gi % 2) : out; };
     std::unordered_map<std::string, size_t> need;
     for (int gi = 0; gi <= kNumScales; ++gi) {
         const OrtGraph& g = graphs_[gi];
@@ -138,13 +137,13 @@ void OrtEngine::plan_cuda() {
         const size_t a = step ? size_t(B) * scale_begin(gi) : 0;   // this scale's slice of u and of the ids
         ort_check(api_.CreateIoBinding(g.session, &g.binding), g.path + ": IoBinding");
         for (const std::string& n : g.in_names) {
-            const char* src = gi > 0 ? carried_from(n) : nullptr;
+            const std::string src = gi > 0 ? carried_from(n) : "";
             std::unique_ptr<OwnedValue> v;
             if (step && n == "u") v = device_view(g, n, static_cast<float*>(u_d_) + a, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {B, l});
             else if (step && n == "labels") v = device_view(g, n, labels_d_, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B});
             else if (step && n == "cfg") v = device_view(g, n, cfg_d_, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {1});
             else if (step && n == "top_p") v = device_view(g, n, top_p_d_, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {1});
-            else if (src) {
+            else if (!src.empty()) {
                 const OrtGraph& prev = graphs_[gi - 1];
                 const size_t i = prev.out_index(src);
                 v = device_view(g, n, pool_.at(key(src, gi - 1)), prev.out_types[i], prev.out_dims[i]);

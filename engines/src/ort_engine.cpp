@@ -253,10 +253,10 @@ void OrtEngine::wire_cpu() {
         OrtGraph& g = graphs_[gi];
         for (const std::string& n : g.in_names) {
             const OrtValue* v = nullptr;
-            const char* src = gi > 0 ? carried_from(n) : nullptr;
+            const std::string src = gi > 0 ? carried_from(n) : "";
             if (n == "u") v = host_.at("u" + std::to_string(gi))->v;
             else if (host_.count(n) && gi < kNumScales) v = host_.at(n)->v;
-            else if (src) v = graphs_[gi - 1].outs[graphs_[gi - 1].out_index(src)]->v;
+            else if (!src.empty()) v = graphs_[gi - 1].outs[graphs_[gi - 1].out_index(src)]->v;
             else throw Error(g.path + ": unexpected graph input " + n);
             g.ins.push_back(v);
             g.in_c.push_back(n.c_str());

@@ -20,14 +20,6 @@ struct OwnedValue {   // an owned OrtValue
     ~OwnedValue() { if (v) ort_api().ReleaseValue(v); }
 };
 
-// The graph output that input `input` of graph gi > 0 takes from graph gi - 1 (a carried tensor), or nullptr.
-inline const char* carried_from(const std::string& input) {
-    if (input == "x_in") return "x_next";
-    if (input == "kv_in") return "kv_out";
-    if (input == "f_hat_in" || input == "f_hat") return "f_hat_out";
-    return nullptr;
-}
-
 struct OrtGraph {
     std::string name, path;
     OrtSession* session = nullptr;

@@ -153,9 +153,8 @@ private:
                 s.buffers["u_in"] = p;
             } else if (inputs_.count(t)) {
                 p = inputs_.at(t);
-            } else if (gi > 0 && (t == "x_in" || t == "kv_in" || t == "f_hat_in" || t == "f_hat")) {
-                const std::string src = t == "x_in" ? "x_next" : t == "kv_in" ? "kv_out" : "f_hat_out";
-                p = steps_[gi - 1].buffers.at(src);
+            } else if (gi > 0 && !carried_from(t).empty()) {
+                p = steps_[gi - 1].buffers.at(carried_from(t));
             } else {
                 throw Error(path + ": unexpected engine input " + t);
             }
@@ -193,7 +192,7 @@ private:
 
     nvinfer1::DataType expected_type(const std::string& input) const {   // the step graphs' input types
         if (input == "labels") return nvinfer1::DataType::kINT64;
-        if (input != "kv_in") return nvinfer1::DataType::kFLOAT;
+        if (!is_cache_input(input)) return nvinfer1::DataType::kFLOAT;
         const std::string& p = bundle_.info.precision;   // the KV cache is stored at the bundle's precision
         return p == "fp16" ? nvinfer1::DataType::kHALF : p == "bf16" ? nvinfer1::DataType::kBF16 : nvinfer1::DataType::kFLOAT;
     }
