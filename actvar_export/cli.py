@@ -457,7 +457,8 @@ def bench(bundle, ckpt, iters, warmup, providers, no_cuda_graphs, profile, check
 @click.option("--backend", type=click.Choice(["python", "onnxruntime", "tensorrt"]), default="python", show_default=True,
               help="python: graphs in-process in the `actvar` model; onnxruntime / tensorrt: step and decoder models it calls.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Instances of each model (instance_group count).")
-@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True, help="Dynamic batcher's wait for more requests.")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=50000, show_default=True,
+              help="Dynamic batcher's wait for more requests when fewer than the bundle's batch are queued.")
 @click.option("--force", is_flag=True, help="Replace a repository this command wrote earlier  [default: off]")
 @click.option("--gpus", default=None, help="'all' (the GPUs seen here now) or indices '0,1': every model's instances on these GPUs, --instances per GPU (KIND_GPU)  [default: no kind, Triton places them]")
 def triton(bundle, out, backend, instances, max_queue_delay_us, force, gpus):

@@ -1,6 +1,9 @@
 """Triton serving throughput: images/second of the `python` repository of a random-weight bundle at
 1, 4 and 16 concurrent clients (one image per request, so the dynamic batcher must pack requests into
-the bundle's static batch) beside the in-process runtime at the same batch. Prints a table, writes JSON.
+the bundle's static batch) beside the in-process runtime at the same batch. Each client keeps one gRPC connection
+and sends its next request as soon as its response is back. Triton's statistics give each level's requests per
+execution: every execution runs one padded static batch, so images/s ~ in-process x (requests per execution / batch).
+Prints a table, writes JSON.
 
     python3 benchmarks/bench_triton.py --depth 16 --batch 16 --precision fp16 --json $OUT/bench_triton.json
 """
@@ -19,7 +22,8 @@ def main():
     ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--seconds", type=float, default=30, help="Measured time per concurrency level.")
-    ap.add_argument("--delay-us", type=int, default=5000, help="Dynamic batcher's max queue delay.")
+    ap.add_argument("--delay-us", type=int, default=None,
+                    help="Dynamic batcher's max queue delay (default: the repository writer's).")
     ap.add_argument("--workdir", default="/tmp/tritonbench")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -28,9 +32,9 @@ def main():
     from actvar_export.checkpoint import save_atomic
     from actvar_export.fsutil import write_json_atomic
     from actvar_export.init import init_checkpoint
-    from actvar_export.serving.client import request_images
+    from actvar_export.serving.client import ActVarClient, batching_between
     from actvar_export.serving.generator import Job, load_generator
-    from actvar_export.serving.repository import write_repository
+    from actvar_export.serving.repository import DEFAULT_MAX_QUEUE_DELAY_US, write_repository
     from actvar_export.serving.server import TritonServer
 
     wd = Path(a.workdir)
@@ -54,20 +58,23 @@ def main():
     print(f"in-process ({gen.name}), batch {a.batch}: {inproc:.2f} images/s", flush=True)
     del gen
 
-    repo = write_repository(bdir, wd / "repo", max_queue_delay_us=a.delay_us, force=True)
-    with TritonServer(repo) as srv:
+    delay = DEFAULT_MAX_QUEUE_DELAY_US if a.delay_us is None else a.delay_us
+    repo = write_repository(bdir, wd / "repo", max_queue_delay_us=delay, force=True)
+    with TritonServer(repo) as srv, ActVarClient(srv.grpc_url, "grpc") as probe:
+        probe.images([0], 0)                      # warm
         for n in [int(c) for c in a.clients.split(",")]:
+            clients = [ActVarClient(srv.grpc_url, "grpc") for _ in range(n)]
             done, stop = [0], time.time() + a.seconds
             lock = threading.Lock()
 
             def client(k):
                 i = 0
                 while time.time() < stop:
-                    request_images(srv.grpc_url, [(k * 97 + i) % 1000], k * 1000 + i, "grpc")
+                    clients[k].images([(k * 97 + i) % 1000], k * 1000 + i)
                     with lock:
                         done[0] += 1
                     i += 1
-            request_images(srv.grpc_url, [0], 0, "grpc")   # warm
+            before = probe.batching()
             t = time.time()
             ths = [threading.Thread(target=client, args=(k,)) for k in range(n)]
             for th in ths:
@@ -75,10 +82,15 @@ def main():
             for th in ths:
                 th.join()
             rate = done[0] / (time.time() - t)
-            rows[f"triton_{n}_clients"] = {"images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3)}
-            print(f"triton, {n:>2} clients (gRPC, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of in-process)",
-                  flush=True)
-    res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": a.delay_us,
+            span = batching_between(before, probe.batching())
+            for c in clients:
+                c.close()
+            rows[f"triton_{n}_clients"] = {"images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3),
+                                          **span}
+            print(f"triton, {n:>2} clients (gRPC, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of "
+                  f"in-process); {span['requests_per_execution']} requests per execution of batch {a.batch} "
+                  f"({span['executions']} executions: {span['batches']})", flush=True)
+    res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": delay,
            "results": rows}
     if a.json:
         write_json_atomic(a.json, res)

@@ -59,7 +59,7 @@ def server(bundle, tmp_path_factory):
     _server_or_skip()
     from actvar_export.serving.repository import write_repository
     from actvar_export.serving.server import free_port
-    repo = write_repository(bundle, tmp_path_factory.mktemp("repo") / "repo", max_queue_delay_us=300000)
+    repo = write_repository(bundle, tmp_path_factory.mktemp("repo") / "repo")   # the batcher as shipped
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for _ in range(3):
         http, grpc = free_port(), free_port()
@@ -128,6 +128,59 @@ def test_concurrent_clients_packed(server, bundle):
     c.close()
     assert st["execution_count"] < st["inference_count"]
     assert max(b["batch_size"] for b in st["batch_stats"]) > 1, st["batch_stats"]
+
+
+def test_batch_of_clients_fills_every_execution(server, bundle):
+    """B clients (B = the bundle's static batch), started 10 ms apart as independent clients are, send 2 requests each,
+    one after the other: in Triton's statistics every execution of the span holds B requests, so no execution pays a
+    padded static batch for part of one. (A batcher that dispatches whatever arrived within a short delay runs the
+    first client's request alone and the other B-1 in the next execution, and the clients stay split so: the second
+    group queues while the first executes and is dispatched the moment the instance frees, before the first group's
+    next requests are back.)"""
+    from actvar_export.bundle import Bundle
+    from actvar_export.serving.client import ActVarClient, batching_between
+    B, rounds = Bundle.open(bundle).batch, 2
+    clients = [ActVarClient(server["grpc"], "grpc") for _ in range(B)]
+    start, shapes, errors = threading.Barrier(B), [], []
+
+    def client(k):
+        start.wait()
+        time.sleep(0.01 * k)
+        for j in range(rounds):
+            try:
+                shapes.append(clients[k].images([k], 100 * k + j).shape)
+            except Exception as e:  # collected and reported below
+                errors.append(repr(e))
+    with ActVarClient(server["grpc"], "grpc") as probe:
+        before = probe.batching()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(B)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        span = batching_between(before, probe.batching())
+    for c in clients:
+        c.close()
+    assert not errors, errors
+    assert shapes == [(1, 256, 256, 3)] * (B * rounds)
+    assert span["requests"] == B * rounds, span
+    assert span["batches"] == {B: rounds} and span["requests_per_execution"] == B, span
+
+
+def test_batcher_config_and_delay_option(bundle, tmp_path):
+    """The `actvar` model's batcher prefers the bundle's batch; --max-queue-delay-us sets the delay (default
+    DEFAULT_MAX_QUEUE_DELAY_US) and a negative one is refused before anything is written."""
+    from actvar_export.serving.repository import DEFAULT_MAX_QUEUE_DELAY_US
+    cli("triton", "--bundle", bundle, "--out", tmp_path / "d")
+    cli("triton", "--bundle", bundle, "--out", tmp_path / "u", "--max-queue-delay-us", 7)
+    for name, delay in (("d", DEFAULT_MAX_QUEUE_DELAY_US), ("u", 7)):
+        db = _parse_configs(tmp_path / name)["actvar"].dynamic_batching
+        assert list(db.preferred_batch_size) == [4] and db.max_queue_delay_microseconds == delay, name
+    r = cli("triton", "--bundle", bundle, "--out", tmp_path / "n", "--max-queue-delay-us", -1, check=False)
+    assert r.returncode != 0 and "--max-queue-delay-us" in r.stderr and not (tmp_path / "n").exists()
+    from actvar_export.serving.repository import write_repository
+    with pytest.raises(ActVarError, match="--max-queue-delay-us: -1 must be >= 0"):
+        write_repository(bundle, tmp_path / "n", max_queue_delay_us=-1)
 
 
 def _raw_infer(url, arrays):

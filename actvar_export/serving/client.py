@@ -80,6 +80,18 @@ class ActVarClient:
         images = res.as_numpy("images")
         return images.reshape((-1,) + images.shape[-3:])
 
+    def batching(self) -> dict:
+        """The model's counters from Triton's statistics: {"executions", "requests" (rows of the batch dimension: one
+        per request of `images`), "batches": {requests in one execution: executions}}, cumulative since the server
+        started (`batching_between` gives a span's)."""
+        st = self._call("statistics", self.client.get_inference_statistics, self.model,
+                        **({"as_json": True} if self.protocol == "grpc" else {}))["model_stats"]
+        st = next((m for m in st if m["name"] == self.model), None) if st else None
+        if st is None:
+            raise ActVarError(f"{self.url} ({self.protocol}): no statistics for model {self.model!r}")
+        return {"executions": int(st.get("execution_count", 0)), "requests": int(st.get("inference_count", 0)),
+                "batches": {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in st.get("batch_stats", [])}}
+
     def close(self) -> None:
         self.client.close()
 
@@ -88,6 +100,14 @@ class ActVarClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def batching_between(before: dict, after: dict) -> dict:
+    """The executions of a span between two `ActVarClient.batching` readings, with requests per execution."""
+    ex, rq = after["executions"] - before["executions"], after["requests"] - before["requests"]
+    sizes = {k: n - before["batches"].get(k, 0) for k, n in after["batches"].items()}
+    return {"executions": ex, "requests": rq, "requests_per_execution": round(rq / ex, 3) if ex else None,
+            "batches": {k: n for k, n in sorted(sizes.items()) if n}}
 
 
 def request_images(url: str, labels: Sequence[int], seed: int, protocol: str = "http", cfg: Optional[float] = None,

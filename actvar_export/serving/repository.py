@@ -29,6 +29,10 @@ MARKER = ".actvar-repository.json"
 ACTVAR = "actvar"
 PLUGINS = "plugins"
 MAX_REQUESTS = 64   # requests (rows of Triton's batch dimension) one execution of `actvar` may take
+# The dynamic batcher dispatches at once when the bundle's static batch of requests is queued
+# (preferred_batch_size), else when the oldest request has waited this long: clients that come back with their next
+# request within it share one execution instead of each paying a padded one.
+DEFAULT_MAX_QUEUE_DELAY_US = 50000
 _TYPES = {"uint8": "TYPE_UINT8", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
           "bfloat16": "TYPE_BF16"}
 _PRECISION = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -69,9 +73,12 @@ def actvar_config(batch: int, instances: int, max_queue_delay_us: int, mode: str
     """The `actvar` model: per request class_labels INT64 [n], seed INT64 [1], optional cfg / top_p FP32 [1]
     -> images UINT8 [n, 256, 256, 3], behind Triton's batch dimension (a request of k rows is k jobs), so
     the dynamic batcher hands several requests (any n: ragged) to one execution. `gpus`: `instances` per GPU, each
-    running its graphs on its own device (triton_model reads model_instance_device_id)."""
+    running its graphs on its own device (triton_model reads model_instance_device_id). Each execution costs one
+    padded run of the static batch however few requests it holds, so the batcher's preferred size is that batch:
+    dispatched at once when full, after `max_queue_delay_us` otherwise."""
     params = {"bundle": "bundle", "mode": mode, "cfg": repr(DEFAULT_CFG), "top_p": repr(DEFAULT_TOP_P)}
-    extra = f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}\n"
+    extra = (f"dynamic_batching {{ preferred_batch_size: [ {min(batch, MAX_REQUESTS)} ] "
+             f"max_queue_delay_microseconds: {max_queue_delay_us} }}\n")
     extra += "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items())
     if mode == "inprocess":   # a BLS model cannot warm up: the models it calls may not be loaded yet
         extra += ('model_warmup [ { name: "one_batch" batch_size: 1\n'
@@ -109,7 +116,7 @@ def _check_target(out: Path, force: bool) -> None:
                           f"refusing to replace it")
 
 
-def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = 2000,
+def write_repository(bundle_dir, out, backend: str = "python", instances: int = 1, max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US,
                      force: bool = False, gpus: Optional[Sequence[int]] = None) -> Path:
     """gpus: indices (from options.gpus) to place every model's instances on, `instances` per GPU; None: no kind."""
     from ..bundle import DIGESTS, MANIFEST, Bundle, sha256_file
