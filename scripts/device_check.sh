@@ -107,7 +107,9 @@ ort_gpu_site() {
 section_prep() {
     # what needs no ONNX Runtime GPU build, ahead of the runs that do (start it in the background while the
     # wheel pieces travel): the plugin libraries (with the custom-op library when the ONNX Runtime headers are
-    # carried as .sdk/onnxruntime-1.29/include) and the random-weight checkpoints of section ort / plugin
+    # carried as .sdk/onnxruntime-1.29/include) and the random-weight checkpoints of section ort / plugin. The device tool copies
+    # the checkout afresh on every call and drops the ignored paths a call does not carry: carry .sdk on every call
+    # until this section has built.
     local W=/tmp/ortrt inc=$ROOT/.sdk/onnxruntime-1.29/include extra=()
     mkdir -p "$W"
     [ -f "$inc/onnxruntime_c_api.h" ] && extra=(-DONNXRUNTIME_INCLUDE_DIR="$inc")
@@ -314,7 +316,7 @@ section_triton_gpus() {
     mkdir -p "$W"
     { python3 -m actvar_export init-ckpt --depth 16 --out "$W/d16.pt" &&
       python3 -m actvar_export build --ckpt "$W/d16.pt" --out "$W/b" --batch "${TG_BATCH:-16}" --precision fp16 &&
-      python3 -m actvar_export triton --bundle "$W/b" --out "$W/repo" --gpus 0 --max-queue-delay-us 5000; } \
+      python3 -m actvar_export triton --bundle "$W/b" --out "$W/repo" --gpus 0; } \
         > "$W/prep.log" 2>&1 || { tail -5 "$W/prep.log"; rm -rf "$W"; return 1; }
     for g in 0 all; do
         gpus=(); [ "$g" = all ] && gpus=(--gpus all)
