@@ -209,6 +209,10 @@ class Bundle:
                               f"(sha256 {want['sha256'][:12]}…), not {ckpt}")
 
 
+class OlderBundleError(BundleError):
+    """A bundle an earlier version of the format wrote."""
+
+
 def read_manifest(path: Path) -> dict:
     mpath = Path(path) / MANIFEST
     if not mpath.exists():
@@ -217,7 +221,13 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{mpath}: not a bundle manifest of format {FORMAT}")
+    fmt = manifest.get("format")
+    if isinstance(fmt, int) and 0 < fmt < FORMAT:
+        raise OlderBundleError(f"{mpath}: a bundle of format {fmt} (this version reads format {FORMAT}): rebuild it "
+                          f"with `actvar-export build ... --force`")
+    if fmt != FORMAT:
         raise BundleError(f"{mpath}: not a bundle manifest of format {FORMAT}")
     return manifest
 
@@ -229,9 +239,11 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def is_bundle(path: Path) -> bool:
-    """A directory `build` wrote: its manifest.json is one of this format."""
+    """A directory `build` wrote, of this format or an older one (what `build --force` may replace)."""
     try:
         read_manifest(path)
+        return True
+    except OlderBundleError:
         return True
     except BundleError:
         return False

@@ -216,7 +216,7 @@ def _sample_bundle(bundle, device, labels, seed, cfg, top_k, top_p, out, raw=Non
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle, never a directory holding an input)  [default: off]")
 def build(ckpt, vae, out, batch, precision, lowering, top_k, target, token_ratio, expert_ratio, active_scales, force):
     """Export a deploy bundle: one ONNX step graph per scale (static shapes for --batch, fixed
-    K_t/K_w, KV cache as one packed tensor, CFG + noise sampler + f_hat update + next input inside),
+    K_t/K_w, the KV cache in and out per block, CFG + noise sampler + f_hat update + next input inside),
     the VQVAE decoder graph, weights.bin (every weight once, shared by all graphs) and manifest.json
     (config, static sizes, versions, sha256 of every file and of the checkpoint). Written to a
     temporary directory and renamed when complete.

@@ -242,6 +242,25 @@ def test_force_replaces_only_a_bundle_atomically(W, tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o755
 
 
+def test_bundle_of_an_older_format_is_refused_then_replaced_by_force(W, tmp_path):
+    """A bundle whose manifest says an earlier format: every command refuses it with one line naming the format
+    and the rebuild; `build --force` replaces it (it is a bundle build wrote), a newer format is not replaced."""
+    from actvar_export.bundle import FORMAT
+    out = tmp_path / "old"
+    shutil.copytree(W["bundle"], out)
+    m = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(m | {"format": FORMAT - 1}))
+    r = run("sample", "--bundle", out, "--out", tmp_path / "g.png")
+    assert_one_line_error(r, f"format {FORMAT - 1}", "rebuild it")
+    r = run("build", "--ckpt", W["ckpt"], "--out", out, "--batch", 2, "--precision", "fp32", "--force")
+    assert r.exit_code == 0, r.output
+    assert Bundle.open(out).manifest["format"] == FORMAT
+    (out / MANIFEST).write_text(json.dumps(m | {"format": FORMAT + 1}))
+    r = run("build", "--ckpt", W["ckpt"], "--out", out, "--batch", 2, "--precision", "fp32", "--force")
+    assert_one_line_error(r, "is not a bundle")
+    assert json.loads((out / MANIFEST).read_text())["format"] == FORMAT + 1
+
+
 def test_init_ckpt_is_byte_reproducible(W, tmp_path):
     """init-ckpt in another process with the arguments of conftest's checkpoint (d2, seed 3, 16 experts,
     written by the same save_atomic in this process): the same sha256, so validate accepts the new file

@@ -25,9 +25,9 @@ DEPTH = SPEC.var.depth
 # concatenates the cache itself), the ActVAR scale adding the selector, two ascending TopKs, gather/scatter and
 # the expert mask (the ascending re-sort of indices a TopK over int64 for the onnxruntime target). fp16 Casts
 # are the fp16 GEMMs' inputs and outputs around fp32 norms, GELU and residual stream.
-# Outside the blocks (adaLN of all blocks in one GEMM, head, sampler, f_hat, next input, cache split/concat):
+# Outside the blocks (adaLN of all blocks in one GEMM, head, sampler, f_hat, next input):
 # at most OUTSIDE kernels at depth 2.
-OUTSIDE = 108
+OUTSIDE = 107
 PINNED = {
     ("fp16", "portable", "onnxruntime"): {"dense": (29, 8), "actvar": (45, 12)},
     ("fp16", "plugin", "onnxruntime"): {"dense": (29, 8), "actvar": (38, 11)},

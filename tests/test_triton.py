@@ -444,7 +444,7 @@ def test_tensorrt_repository_of_plugin_engines(actvar_ckpt, plugin_build, tmp_pa
             want = {k: {"P": "TYPE_FP16", "float32": "TYPE_FP32", "int64": "TYPE_INT64"}[t]
                     for k, (t, _) in {**gi["inputs"], **gi["outputs"]}.items()}
             got = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in list(c.input) + list(c.output)}
-            assert got == want, name   # the fp16 bundle's packed KV cache is FP16, the rest as exported
+            assert got == want, name   # the fp16 bundle's per-block KV caches are FP16, the rest as exported
 
 
 def test_gpus_config(bundle, tmp_path):

@@ -99,17 +99,17 @@ def scale_fc2(m, factor):
 
 
 def shift_kv(m):
-    """Every block's cache outputs (k_out.b, v_out.b) shifted by one position (the last entry moved to the front)."""
+    """Every block's cache outputs (k_out.b, v_out.b) shifted by one position (the last entry moved to the front);
+    the graph's own consumers of the cache keep reading the unshifted tensor."""
     i64 = lambda *v: _const(m, f"kv_i{len(m.graph.initializer)}", np.array(v, np.int64))
-    for n in [n for n in m.graph.node if n.output[0][:6] in ("k_out.", "v_out.")]:
-        x = n.input[0]
-        tail = helper.make_node("Slice", [x, i64(-1), i64(2 ** 40), i64(2)], [x + "_tail"])
-        head = helper.make_node("Slice", [x, i64(0), i64(-1), i64(2)], [x + "_head"])
-        cat = helper.make_node("Concat", [x + "_tail", x + "_head"], [x + "_shifted"], axis=2)
-        idx = list(m.graph.node).index(n)
-        for k, new in enumerate((tail, head, cat)):
-            m.graph.node.insert(idx + k, new)
-        n.input[0] = x + "_shifted"
+    for o in [o.name for o in m.graph.output if o.name[:6] in ("k_out.", "v_out.")]:
+        x = o + "_unshifted"
+        for n in m.graph.node:
+            n.input[:] = [x if i == o else i for i in n.input]
+            n.output[:] = [x if i == o else i for i in n.output]
+        m.graph.node.extend([helper.make_node("Slice", [x, i64(-1), i64(2 ** 40), i64(2)], [x + "_tail"]),
+                             helper.make_node("Slice", [x, i64(0), i64(-1), i64(2)], [x + "_head"]),
+                             helper.make_node("Concat", [x + "_tail", x + "_head"], [o], axis=2)])
 
 
 def scale_top_p(m):

@@ -66,6 +66,15 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
         return name
 
+    def output_direct(self, value: str, name: str, dtype: int, shape: Sequence[int]) -> str:
+        """`value` itself becomes graph output `name`: its producer writes the output buffer (no Identity, which
+        ONNX Runtime keeps, as a copy, when its input has other consumers). `value` must be a node's output."""
+        for n in self.nodes:
+            n.input[:] = [name if x == value else x for x in n.input]
+            n.output[:] = [name if x == value else x for x in n.output]
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+        return name
+
     # ---- constants and weights ----
     def w(self, key: str) -> str:
         if key not in self.inits:
