@@ -42,6 +42,7 @@ class Graph:
         self.domains = set()      # non-default operator domains the nodes use (opset imports)
         self._cache = {}
         self._scope = ""
+        self._renamed: Dict[str, str] = {}    # value -> the graph output it became (`output`)
 
     @contextlib.contextmanager
     def scope(self, prefix: str):
@@ -62,16 +63,18 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, dtype: int, shape: Sequence[int]) -> str:
-        self.op("Identity", [value], name=name)
-        self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
-        return name
-
-    def output_direct(self, value: str, name: str, dtype: int, shape: Sequence[int]) -> str:
-        """`value` itself becomes graph output `name`: its producer writes the output buffer (no Identity, which
-        ONNX Runtime keeps, as a copy, when its input has other consumers). `value` must be a node's output."""
-        for n in self.nodes:
-            n.input[:] = [name if x == value else x for x in n.input]
-            n.output[:] = [name if x == value else x for x in n.output]
+        """`value` becomes graph output `name`. A value a node of this graph produces is renamed, so that node writes
+        the output buffer itself (an Identity would be a copy wherever ONNX Runtime keeps it: when the value has
+        other consumers); anything else (a graph input, an initializer, another output) goes through an Identity."""
+        produced = any(value in n.output for n in self.nodes)
+        taken = {v.name for v in (*self.inputs, *self.outputs)}
+        if produced and value not in taken:
+            for n in self.nodes:
+                n.input[:] = [name if x == value else x for x in n.input]
+                n.output[:] = [name if x == value else x for x in n.output]
+            self._renamed[value] = name     # nodes made later that name `value` read the output
+        else:
+            self.op("Identity", [value], name=name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
         return name
 
@@ -106,7 +109,7 @@ class Graph:
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, name: Optional[str] = None,
            domain: Optional[str] = None, **attrs) -> Union[str, List[str]]:
         outs = [name] if (name and n_out == 1) else [self.fresh(op_type.lower()) for _ in range(n_out)]
-        node = helper.make_node(op_type, list(inputs), outs, name=self._scope + self.fresh("n_" + op_type),
+        node = helper.make_node(op_type, [self._renamed.get(x, x) for x in inputs], outs, name=self._scope + self.fresh("n_" + op_type),
                                 domain=domain, **attrs)
         self.nodes.append(node)
         if domain:
@@ -170,6 +173,7 @@ class Graph:
         """ONNX Runtime's SkipLayerNormalization without affine: (LayerNorm(x + skip), x + skip), one kernel."""
         ones, zeros = self.ones_zeros(C)
         ln, total = self.fresh("skipln"), self.fresh("skipsum")
+        x, skip = self._renamed.get(x, x), self._renamed.get(skip, skip)
         self.nodes.append(helper.make_node("SkipLayerNormalization", [x, skip, ones, zeros], [ln, "", "", total],
                                            name=self._scope + self.fresh("n_SkipLayerNormalization"),
                                            domain=ORT_DOMAIN, epsilon=eps))

@@ -227,7 +227,7 @@ class StepBuilder:
         g.output(self._cfg_logits, "logits", F32, [B, l, self.V])
         g.output(f_hat_out, "f_hat_out", F32, [B, CVAE, 16, 16])
         for name, kv in zip(cache_names(self.D, "out"), kvs):                          # each block's present cache
-            g.output_direct(kv, name, self.P, [S, self.H, Lc1, 64])
+            g.output(kv, name, self.P, [S, self.H, Lc1, 64])
         if si < NUM_SCALES - 1:
             g.output(self.next_input(f_hat_out), "x_next", F32, [S, SCALE_LENS[si + 1], C])
         if self.active:
