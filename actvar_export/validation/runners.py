@@ -81,14 +81,12 @@ class _StepRunner(BaseRunner):
         self.graph = graph
         self._meta = TensorMetadata()
         types = graph_types(manifest, graph)
-        ins = manifest["graphs"][graph]["inputs"]
-        for n, (t, shape) in ins.items():
-            t = types[n]
-            if is_cache(n):
-                if not n.startswith("k_in.0"):
+        for n, (_, shape) in manifest["graphs"][graph]["inputs"].items():
+            if is_cache(n):                  # k_in.0 stands for all: kv_in (D, 2, S, H, Lc, 64)
+                if n != "k_in.0":
                     continue
-                n, shape = "kv_in", [sum(1 for m in ins if m.startswith("k_in.")), 2, *shape]
-            self._meta.add(n, np.float32 if t == BF16 else t, shape)
+                n, shape = "kv_in", [manifest["model"]["depth"], 2, *shape]
+            self._meta.add(n, np.float32 if types[n] == BF16 else types[n], shape)
 
     def get_input_metadata_impl(self):
         return self._meta
