@@ -2,11 +2,13 @@
 small batch (a few microseconds per kernel, CUDA graph or not).
 
 Not counted: layout-only ops (ONNX Runtime's CUDA provider aliases their output to their input) and nodes whose
-inputs are all constants (ONNX Runtime folds them when it loads the graph; TensorRT folds them too)."""
+inputs are all constants (ONNX Runtime folds them when it loads the graph; TensorRT folds them too). The
+root-mean-square pattern x / sqrt(mean(x²) + ε) · γ (Pow, ReduceMean, Add, Sqrt, Div, Mul by a 1-D constant), which
+ONNX Runtime fuses into one SimplifiedLayerNormalization kernel, counts as that one kernel."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict
+from typing import Dict, List
 
 import onnx
 
@@ -30,9 +32,42 @@ def launching_nodes(model: onnx.ModelProto):
     return out
 
 
-def launch_counts(model: onnx.ModelProto) -> Dict[str, Counter]:
-    """{scope: Counter(op type -> kernel-launching nodes)}."""
+RMS_CHAIN = ("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul")
+
+
+def rms_patterns(model: onnx.ModelProto) -> List[List[onnx.NodeProto]]:
+    """Every chain Pow(x, 2) -> ReduceMean -> Add(ε) -> Sqrt -> Div(x, ·) -> Mul(·, 1-D constant) whose inner values
+    feed nothing else: the subgraph ONNX Runtime's SimplifiedLayerNormFusion replaces by one node."""
+    consumers: Dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    const = {t.name: t for t in model.graph.initializer}
+    found = []
+    for pow_ in (n for n in model.graph.node if n.op_type == "Pow"):
+        chain, cur = [pow_], pow_
+        for op in RMS_CHAIN[1:]:
+            nxt = consumers.get(cur.output[0], [])
+            if len(nxt) != 1 or nxt[0].op_type != op:
+                break
+            chain.append(cur := nxt[0])
+        if len(chain) < len(RMS_CHAIN) or chain[4].input[0] != pow_.input[0]:
+            continue
+        gamma = next((const[i] for i in chain[5].input if i in const), None)
+        if gamma is not None and len(gamma.dims) == 1:
+            found.append(chain)
+    return found
+
+
+def launch_counts(model: onnx.ModelProto, fuse_rms: bool = True) -> Dict[str, Counter]:
+    """{scope: Counter(op type -> kernel-launching nodes)}; with fuse_rms, each RMS pattern as one
+    SimplifiedLayerNormalization (ONNX Runtime's fusion at its extended optimisation level, the default)."""
+    fused = {n.output[0]: k for chain in (rms_patterns(model) if fuse_rms else []) for k, n in enumerate(chain)}
     counts: Dict[str, Counter] = {}
     for n in launching_nodes(model):
-        counts.setdefault(scope_of(n), Counter())[n.op_type] += 1
+        k = fused.get(n.output[0])
+        if k is None:
+            counts.setdefault(scope_of(n), Counter())[n.op_type] += 1
+        elif k == 0:
+            counts.setdefault(scope_of(n), Counter())["SimplifiedLayerNormalization"] += 1
     return counts

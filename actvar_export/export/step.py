@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after
-from .graph import CUSTOM_DOMAIN, F32, I32, I64, ORT_DOMAIN, Graph
+from .graph import BF16, CUSTOM_DOMAIN, F16, F32, I32, I64, ORT_DOMAIN, Graph
 from .weights import stacked_keys
 
 LOWERINGS = ("portable", "plugin")
@@ -143,7 +143,8 @@ class StepBuilder:
 
     def shared(self, key):
         """One constant per graph, used by every block: ("zeros", *shape), ("ones", *shape), ("is_v",) (which of
-        q, k, v is v, (3, 1, 1) bool) or ("ada1", chunks, scale_chunks) (1 on the adaLN scale chunks, 0 elsewhere)."""
+        q, k, v is v, (3, 1, 1) bool), ("ada1", chunks, scale_chunks) (1 on the adaLN scale chunks, 0 elsewhere),
+        ("zeros_p", n) (zeros in the graph precision) or ("rms_gamma", 64) (0.125: RMS to L2 normalisation)."""
         def make():
             kind, *shape = key
             if kind == "ada1":
@@ -152,6 +153,10 @@ class StepBuilder:
                 return arr.reshape(-1)
             if kind == "is_v":
                 return np.array([False, False, True]).reshape(3, 1, 1)
+            if kind == "zeros_p":
+                return np.zeros(shape, {F16: np.float16}.get(self.P, np.float32))
+            if kind == "rms_gamma":
+                return np.full(shape, 0.125, np.float32)
             return (np.zeros if kind == "zeros" else np.ones)(shape, np.float32)
         return self.g.shared(key, make)
 
@@ -274,9 +279,12 @@ class StepBuilder:
 
     def attention(self, b, h_f32, n, cache):
         """q, k and v in one (S, n, 3, H, 64) fp32 tensor: the qkv bias, the L2 norms (one ReduceL2) and
-        q's clamped scale applied to all three at once, v's divisor and factor being exactly 1."""
+        q's clamped scale applied to all three at once, v's divisor and factor being exactly 1. With ONNX Runtime's
+        fused attention, `_qkv_rms` instead."""
         g, S, C, H = self.g, self.S, self.C, self.H
         pre = f"blocks.{b}.attn"
+        if self.fused:
+            return self._fused_attention(pre, self._qkv_rms(pre, h_f32, n), n, cache)
         qkv = g.gemm(g.reshape(g.to_p(h_f32), -1, C), f"{pre}.mat_qkv.weight")            # (S·n, 3C), no bias
         zero = self.shared(("zeros", C))
         bias = g.reshape(g.op("Concat", [g.cast(g.w(f"{pre}.q_bias"), F32, self.P), zero,
@@ -287,8 +295,6 @@ class StepBuilder:
         is_v = self.shared(("is_v",))
         nrm = g.op("Max", [g.op("ReduceL2", [qkv], axes=[-1], keepdims=1), g.scalar(1e-12)])   # F.normalize's eps
         qkv = g.to_p(g.op("Mul", [g.op("Div", [qkv, g.op("Where", [is_v, g.scalar(1.0), nrm])]), factor]))
-        if self.fused:
-            return self._fused_attention(pre, qkv, n, cache)
         qkv = g.op("Transpose", [qkv], perm=[2, 0, 3, 1, 4])                                # 3 S H n c
         q, k, v = [g.reshape(p, S, H, n, 64) for p in g.split(qkv, 3, 1, axis=0)]
         k_all = k if cache is None else g.op("Concat", [cache[0], k], axis=2)
@@ -298,12 +304,37 @@ class StepBuilder:
         o = g.op("Transpose", [g.op("MatMul", [att, v_all])], perm=[0, 2, 1, 3])        # S n H c
         return self._proj(pre, o), [k_all, v_all]
 
+    def _qkv_rms(self, pre, h_f32, n):
+        """q, k, v (S, n, C) in the graph precision for ONNX Runtime: the qkv GEMM with its bias (k's is zero) in the
+        graph precision, one Split, and q and k L2-normalised each by the root-mean-square pattern that ONNX
+        Runtime fuses into one SimplifiedLayerNormalization kernel (x / sqrt(mean(x²) + ε) · 1/8 = x / ‖x‖ over the
+        64 channels of a head, computed in fp32; ε = 1e-24 = (1e-12)² / 64 leaves F.normalize's result unchanged
+        wherever ‖x‖ ≥ 1e-12), then q times its head's clamped scale. No fp32 copy of qkv, no generic reduction."""
+        g, S, C, H, P = self.g, self.S, self.C, self.H, self.P
+        zero = self.shared(("zeros_p", C))
+        bias = g.op("Concat", [g.w(f"{pre}.q_bias"), zero, g.w(f"{pre}.v_bias")], axis=0)   # (3C) in P
+        qkv = g.op("Gemm", [g.reshape(g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), bias], transB=1)
+        q, k, v = g.split(g.reshape(qkv, S, n, 3, H, 64), 3, 1, axis=2)                  # (S, n, 1, H, 64) each
+        scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])   # (1, H, 1, 1)
+        scale = g.cast(g.reshape(scale, 1, 1, 1, H, 1), P, F32)
+        q = g.op("Mul", [self._unit_rms(q), scale])
+        return [g.reshape(t, S, n, C) for t in (q, self._unit_rms(k), v)]
+
+    def _unit_rms(self, x_p):
+        """x / ‖x‖ over the last axis (64), as x / sqrt(mean(x²) + ε) · 0.125 in fp32 (the pattern ONNX Runtime
+        fuses into SimplifiedLayerNormalization: Pow, ReduceMean, Add, Sqrt, Div, Mul by a 1-D scale)."""
+        g = self.g
+        x = g.to_f32(x_p)
+        ms = g.op("ReduceMean", [g.op("Pow", [x, g.scalar(2.0)])], axes=[-1], keepdims=1)
+        y = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.scalar(1e-24)])])])
+        return g.to_p(g.op("Mul", [y, self.shared(("rms_gamma", 64))]))
+
     def _fused_attention(self, pre, qkv, n, cache):
         """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider) on the
-        normalised q, k (q pre-multiplied by the clamped scale) and v: op scale 1, no mask; the op appends the
-        current keys/values to the cache prefix (past -> present, both (S, H, L, 64))."""
+        normalised q, k (q pre-multiplied by the clamped scale) and v, each (S, n, C): op scale 1, no mask; the op
+        appends the current keys/values to the cache prefix (past -> present, both (S, H, L, 64))."""
         g, S, H, C = self.g, self.S, self.H, self.C
-        ins = [g.reshape(p, S, n, C) for p in g.split(qkv, 3, 1, axis=2)]
+        ins = list(qkv)
         if cache is not None:
             ins += ["", "", "", cache[0], cache[1]]
         o, k_all, v_all = g.op("MultiHeadAttention", ins, n_out=3, domain=ORT_DOMAIN, num_heads=H, scale=1.0)
@@ -315,9 +346,13 @@ class StepBuilder:
         return g.reshape(out, self.S, -1, self.C)
 
     def _fc1_gelu(self, b, h2p):
-        """GELU(h2 · fc1ᵀ + b1) in fp32 from h2 (T, C) in the graph precision; the result in the graph precision.
-        onnxruntime target: the GEMM without bias and FastGelu adding the bias (one kernel for bias and GELU)."""
+        """GELU(h2 · fc1ᵀ + b1) from h2 (T, C) in the graph precision; the result in the graph precision.
+        onnxruntime target: the GEMM without bias and FastGelu adding the bias in the graph precision (one kernel
+        for bias and GELU, no fp32 copy of the 4C-wide activations); bf16: in fp32 between Casts (FastGelu has
+        no bfloat16 kernel). Other targets: the explicit tanh GELU in fp32."""
         g, pre = self.g, f"blocks.{b}.ffn.fc1"
+        if self.fast_gelu and self.P != BF16:
+            return g.op("FastGelu", [g.gemm(h2p, pre + ".weight"), g.w(pre + ".bias")], domain=ORT_DOMAIN)
         if self.fast_gelu:
             a = g.to_f32(g.gemm(h2p, pre + ".weight"))
             return g.to_p(g.op("FastGelu", [a, g.cast(g.w(pre + ".bias"), F32, self.P)], domain=ORT_DOMAIN))
