@@ -136,6 +136,10 @@ section_ort() {
     mkdir -p "$W"
     [ "${ORT_PROFILE:-0}" = 1 ] && prof=(--profile "$W/profile")
     python3 -c "import onnxruntime, torch; print('onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)"
+    # the fusions the kernel counts assume (tests/test_launches.py: ONNX Runtime's CUDA provider fuses each q/k RMS
+    # pattern with its Casts into one SimplifiedLayerNormalization)
+    python3 -m pytest -m gpu tests/test_launches.py -q -rs -p no:cacheprovider 2>&1 | tail -3
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     if [ "${ORT_EXACT:-1}" = 1 ]; then
         [ -f "$W/d16.pt" ] || python3 -m actvar_export init-ckpt --depth 16 --out "$W/d16.pt" > /dev/null
         python3 -m actvar_export build --ckpt "$W/d16.pt" --out "$W/d16_fp32" --batch 1 --precision fp32 --force 2> /dev/null &&

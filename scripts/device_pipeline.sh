@@ -2,6 +2,7 @@
 # Sections of scripts/device_check.sh as one background pipeline on the GPU machine, so that a device call never
 # holds the machine idle and a slow section cannot eat the others' time. Each device call stays short:
 #   scripts/device_pipeline.sh piece K                  # copy the carried .wheelparts/pK to /tmp/parts (one call per piece)
+#   scripts/device_pipeline.sh start "prep:600"         # e.g. with the first piece: plugin libraries, checkpoints
 #   scripts/device_pipeline.sh start "ort:480 validate_gpu:300 ortops:150 plugin:300 cpp:200 triton:300"
 #                                                       # name:timeout-seconds, run in this order in the background;
 #                                                       # the environment of this call (ORT_CONFIGS=..., ...) is theirs
@@ -20,7 +21,9 @@ piece)
 start)
     # the sections run from a private copy of the checkout (with .sdk when carried): the device tool copies the
     # checkout afresh on every call and drops what a call does not carry, under a running pipeline otherwise
-    rm -rf "$P.src" && mkdir -p "$P" "$P.src" && : > "$P/pipe.log"
+    # (a build/ of an earlier pipeline, e.g. `prep` started while the wheel pieces travel, is kept)
+    grep -qs ALLDONE "$P/pipe.log" || [ ! -s "$P/pipe.log" ] || { echo "a pipeline is still running"; cat "$P/pipe.log"; exit 1; }
+    mkdir -p "$P" "$P.src" && find "$P.src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} + && : > "$P/pipe.log"
     tar --exclude=./.wheelparts --exclude=./build --exclude=./device_out -cf - . | tar -xf - -C "$P.src" || exit 1
     (setsid nohup bash -c '
         cd "$1"; P=$2; shift 2

@@ -3,8 +3,9 @@ small batch (a few microseconds per kernel, CUDA graph or not).
 
 Not counted: layout-only ops (ONNX Runtime's CUDA provider aliases their output to their input) and nodes whose
 inputs are all constants (ONNX Runtime folds them when it loads the graph; TensorRT folds them too). The
-root-mean-square pattern x / sqrt(mean(x²) + ε) · γ (Pow, ReduceMean, Add, Sqrt, Div, Mul by a 1-D constant), which
-ONNX Runtime fuses into one SimplifiedLayerNormalization kernel, counts as that one kernel."""
+root-mean-square pattern x / sqrt(mean(x²) + ε) · γ (Pow, ReduceMean, Add, Sqrt, Div, Mul by a 1-D constant, with
+its Casts around it in fp16 graphs), which ONNX Runtime's CUDA provider fuses into one SimplifiedLayerNormalization
+kernel, counts as that one kernel."""
 from __future__ import annotations
 
 from collections import Counter
@@ -32,30 +33,43 @@ def launching_nodes(model: onnx.ModelProto):
     return out
 
 
-RMS_CHAIN = ("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul")
+RMS_CHAIN = ("Pow", "ReduceMean", "Add", "Sqrt", "Div")
 
 
 def rms_patterns(model: onnx.ModelProto) -> List[List[onnx.NodeProto]]:
-    """Every chain Pow(x, 2) -> ReduceMean -> Add(ε) -> Sqrt -> Div(x, ·) -> Mul(·, 1-D constant) whose inner values
-    feed nothing else: the subgraph ONNX Runtime's SimplifiedLayerNormFusion replaces by one node."""
+    """Every chain [Cast] -> Pow(x, 2) -> ReduceMean -> Add(ε) -> Sqrt -> Div(x, ·) -> [Cast] -> Mul(·, 1-D constant)
+    whose inner values feed nothing else: the subgraph ONNX Runtime's SimplifiedLayerNormFusion replaces by one node
+    on the CUDA provider (Casts included: fp16 in and out, fp32 inside; the CPU provider fuses the Cast-free form)."""
     consumers: Dict[str, list] = {}
+    producer = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     const = {t.name: t for t in model.graph.initializer}
+
+    def only(value, op):
+        nxt = consumers.get(value, [])
+        return nxt[0] if len(nxt) == 1 and nxt[0].op_type == op else None
+
     found = []
     for pow_ in (n for n in model.graph.node if n.op_type == "Pow"):
         chain, cur = [pow_], pow_
         for op in RMS_CHAIN[1:]:
-            nxt = consumers.get(cur.output[0], [])
-            if len(nxt) != 1 or nxt[0].op_type != op:
+            cur = only(cur.output[0], op)
+            if cur is None:
                 break
-            chain.append(cur := nxt[0])
-        if len(chain) < len(RMS_CHAIN) or chain[4].input[0] != pow_.input[0]:
+            chain.append(cur)
+        if len(chain) < len(RMS_CHAIN) or chain[-1].input[0] != pow_.input[0]:
             continue
-        gamma = next((const[i] for i in chain[5].input if i in const), None)
-        if gamma is not None and len(gamma.dims) == 1:
-            found.append(chain)
+        cast = only(chain[-1].output[0], "Cast")
+        mul = only((cast or chain[-1]).output[0], "Mul")
+        gamma = next((const[i] for i in mul.input if i in const), None) if mul is not None else None
+        if gamma is None or len(gamma.dims) != 1:
+            continue
+        lead = producer.get(pow_.input[0])
+        if lead is not None and lead.op_type == "Cast" and len(consumers[lead.output[0]]) == 2:
+            chain.insert(0, lead)
+        found.append(chain + ([cast] if cast is not None else []) + [mul])
     return found
 
 

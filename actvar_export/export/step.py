@@ -156,7 +156,7 @@ class StepBuilder:
             if kind == "zeros_p":
                 return np.zeros(shape, {F16: np.float16}.get(self.P, np.float32))
             if kind == "rms_gamma":
-                return np.full(shape, 0.125, np.float32)
+                return np.full(shape, 0.125, {F16: np.float16}.get(self.P, np.float32))
             return (np.zeros if kind == "zeros" else np.ones)(shape, np.float32)
         return self.g.shared(key, make)
 
@@ -321,13 +321,15 @@ class StepBuilder:
         return [g.reshape(t, S, n, C) for t in (q, self._unit_rms(k), v)]
 
     def _unit_rms(self, x_p):
-        """x / ‖x‖ over the last axis (64), as x / sqrt(mean(x²) + ε) · 0.125 in fp32 (the pattern ONNX Runtime
-        fuses into SimplifiedLayerNormalization: Pow, ReduceMean, Add, Sqrt, Div, Mul by a 1-D scale)."""
+        """x / ‖x‖ over the last axis (64), as x / sqrt(mean(x²) + ε) · 0.125 computed in fp32, in the form ONNX
+        Runtime fuses into one SimplifiedLayerNormalization kernel: [Cast to fp32], Pow, ReduceMean, Add, Sqrt, Div,
+        [Cast to the graph precision], Mul by a 1-D scale of that precision (0.125, exact in fp16). The CUDA provider
+        fuses the fp16 form with its Casts (fp16 in and out, fp32 inside); the CPU provider fuses the fp32 form."""
         g = self.g
         x = g.to_f32(x_p)
         ms = g.op("ReduceMean", [g.op("Pow", [x, g.scalar(2.0)])], axes=[-1], keepdims=1)
         y = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.scalar(1e-24)])])])
-        return g.to_p(g.op("Mul", [y, self.shared(("rms_gamma", 64))]))
+        return g.op("Mul", [g.to_p(y), self.shared(("rms_gamma", 64))])
 
     def _fused_attention(self, pre, qkv, n, cache):
         """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider) on the

@@ -305,6 +305,9 @@ class Runtime:
         plan["bindings"].append((d, io))
         plan["addresses"].append({"f_hat": fh.data_ptr(), "image": img.data_ptr()})
         plan["keep"] = keep
+        pin = self.device == "cuda"       # page-locked host copies: one asynchronous copy each, then one sync
+        plan["host_idx"] = torch.empty(B * TOTAL_TOKENS, dtype=torch.int64, pin_memory=pin)
+        plan["host_image"] = torch.empty(B * 3 * 256 * 256, dtype=torch.float32, pin_memory=pin)
         ro = self.ort.RunOptions()
         ro.add_run_config_entry("disable_synchronize_execution_providers", "1")   # one sync at the end
         plan["run_options"] = ro
@@ -335,8 +338,13 @@ class Runtime:
                 s.run_with_iobinding(io, p["run_options"])
                 if progress and si < NUM_SCALES:
                     progress(si)
-            ids = p["idx"].cpu().numpy()
-            images = p["image"].view(B, 3, 256, 256).cpu().numpy().copy() if decode else None
+            p["host_idx"].copy_(p["idx"], non_blocking=True)
+            if decode:
+                p["host_image"].copy_(p["image"], non_blocking=True)
+            if self.stream is not None:
+                self.stream.synchronize()
+            ids = p["host_idx"].numpy()
+            images = p["host_image"].view(B, 3, 256, 256).numpy().copy() if decode else None
         out, a = [], 0
         for l in SCALE_LENS:
             out.append(ids[B * a:B * (a + l)].reshape(B, l).copy())
