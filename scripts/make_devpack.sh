@@ -4,12 +4,12 @@
 # bundled libpython of other Pythons, tritonclient, grpcio, protobuf, python-rapidjson, polygraphy,
 # onnxruntime-extensions; the numpy<2 wheel of the Triton models' environment kept as a wheel), one tar split
 # into .wheelparts/p1 .. pN. scripts/device_check.sh joins them from /tmp/parts (ort_gpu_site).
-#   scripts/make_devpack.sh [PIECES]     (default 4; each piece must leave room for the checkout in a 64 MiB run)
+#   scripts/make_devpack.sh [PIECES]     (default 5; each piece must leave room for the checkout and .sdk in a 64 MiB run)
 # Then, on the device, one run per piece carrying .wheelparts/pK: `mkdir -p /tmp/parts && cp .wheelparts/pK/* /tmp/parts/`,
 # and the measurements in the run of the last piece (the machine stays warm only 30 s between runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIECES=${1:-4}
+PIECES=${1:-5}
 PY=3.12
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT

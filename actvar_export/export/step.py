@@ -144,7 +144,8 @@ class StepBuilder:
     def shared(self, key):
         """One constant per graph, used by every block: ("zeros", *shape), ("ones", *shape), ("is_v",) (which of
         q, k, v is v, (3, 1, 1) bool), ("ada1", chunks, scale_chunks) (1 on the adaLN scale chunks, 0 elsewhere),
-        ("zeros_p", n) (zeros in the graph precision) or ("rms_gamma", 64) (0.125: RMS to L2 normalisation)."""
+        ("zeros_p", n) (zeros in the graph precision) or ("rms_gamma", 64) / ("rms_gamma32", 64) (0.125: RMS to L2
+        normalisation, in the graph precision / fp32)."""
         def make():
             kind, *shape = key
             if kind == "ada1":
@@ -155,8 +156,8 @@ class StepBuilder:
                 return np.array([False, False, True]).reshape(3, 1, 1)
             if kind == "zeros_p":
                 return np.zeros(shape, {F16: np.float16}.get(self.P, np.float32))
-            if kind == "rms_gamma":
-                return np.full(shape, 0.125, {F16: np.float16}.get(self.P, np.float32))
+            if kind in ("rms_gamma", "rms_gamma32"):
+                return np.full(shape, 0.125, {F16: np.float16}.get(self.P if kind == "rms_gamma" else F32, np.float32))
             return (np.zeros if kind == "zeros" else np.ones)(shape, np.float32)
         return self.g.shared(key, make)
 
@@ -316,20 +317,22 @@ class StepBuilder:
         qkv = g.op("Gemm", [g.reshape(g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), bias], transB=1)
         q, k, v = g.split(g.reshape(qkv, S, n, 3, H, 64), 3, 1, axis=2)                  # (S, n, 1, H, 64) each
         scale = g.op("Exp", [g.op("Min", [g.w(f"{pre}.scale_mul_1H11"), g.scalar(math.log(100.0))])])   # (1, H, 1, 1)
-        scale = g.cast(g.reshape(scale, 1, 1, 1, H, 1), P, F32)
-        q = g.op("Mul", [self._unit_rms(q), scale])
+        q = g.to_p(g.op("Mul", [self._unit_rms(q, out_p=False), g.reshape(scale, 1, 1, 1, H, 1)]))   # fp32 product
         return [g.reshape(t, S, n, C) for t in (q, self._unit_rms(k), v)]
 
-    def _unit_rms(self, x_p):
+    def _unit_rms(self, x_p, out_p=True):
         """x / ‖x‖ over the last axis (64), as x / sqrt(mean(x²) + ε) · 0.125 computed in fp32, in the form ONNX
         Runtime fuses into one SimplifiedLayerNormalization kernel: [Cast to fp32], Pow, ReduceMean, Add, Sqrt, Div,
-        [Cast to the graph precision], Mul by a 1-D scale of that precision (0.125, exact in fp16). The CUDA provider
-        fuses the fp16 form with its Casts (fp16 in and out, fp32 inside); the CPU provider fuses the fp32 form."""
+        [Cast to the graph precision], Mul by a 1-D scale (0.125, exact in fp16) of the output's precision: the graph
+        precision (out_p) or fp32 (q, whose per-head scale is applied in fp32 before its one rounding). The CUDA
+        provider fuses the fp16 forms with their Casts (fp16 in, fp32 inside); the CPU provider the fp32 form."""
         g = self.g
         x = g.to_f32(x_p)
         ms = g.op("ReduceMean", [g.op("Pow", [x, g.scalar(2.0)])], axes=[-1], keepdims=1)
         y = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.scalar(1e-24)])])])
-        return g.op("Mul", [g.to_p(y), self.shared(("rms_gamma", 64))])
+        if out_p:
+            return g.op("Mul", [g.to_p(y), self.shared(("rms_gamma", 64))])
+        return g.op("Mul", [y, self.shared(("rms_gamma32", 64))])
 
     def _fused_attention(self, pre, qkv, n, cache):
         """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider) on the
@@ -348,13 +351,11 @@ class StepBuilder:
         return g.reshape(out, self.S, -1, self.C)
 
     def _fc1_gelu(self, b, h2p):
-        """GELU(h2 · fc1ᵀ + b1) from h2 (T, C) in the graph precision; the result in the graph precision.
-        onnxruntime target: the GEMM without bias and FastGelu adding the bias in the graph precision (one kernel
-        for bias and GELU, no fp32 copy of the 4C-wide activations); bf16: in fp32 between Casts (FastGelu has
-        no bfloat16 kernel). Other targets: the explicit tanh GELU in fp32."""
+        """GELU(h2 · fc1ᵀ + b1) in fp32 from h2 (T, C) in the graph precision; the result in the graph precision.
+        onnxruntime target: the GEMM without bias and FastGelu adding the bias (one kernel for bias and GELU), in fp32:
+        its fp16 kernel evaluates the polynomial and the products in half precision, several roundings where fp16
+        autocast rounds once. Other targets: the explicit tanh GELU in fp32."""
         g, pre = self.g, f"blocks.{b}.ffn.fc1"
-        if self.fast_gelu and self.P != BF16:
-            return g.op("FastGelu", [g.gemm(h2p, pre + ".weight"), g.w(pre + ".bias")], domain=ORT_DOMAIN)
         if self.fast_gelu:
             a = g.to_f32(g.gemm(h2p, pre + ".weight"))
             return g.to_p(g.op("FastGelu", [a, g.cast(g.w(pre + ".bias"), F32, self.P)], domain=ORT_DOMAIN))
