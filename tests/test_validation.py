@@ -276,6 +276,9 @@ def test_cli_report_and_polygraphy_recheck(bundles, actvar_ckpt, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     e2e = rep["end_to_end"]          # fp32: every id agrees, or the first differing scale is explained
     assert rep["passed"] and len(rep["scales"]) == 10
+    dec = rep["decoder"]              # the decoder teacher-forced, with its figures in JSON and markdown
+    assert dec["precision"] == "fp32" and dec["error"] <= dec["tolerances"][1] and dec["stages"] == 57
+    assert "decoder (fp32), teacher-forced" in (out / "report.md").read_text()
     assert e2e["token_agreement"] >= 0.99 or e2e["first_divergence"]["explained"]
     assert (out / "polygraphy" / "step_9_inputs.json").exists() and (out / "polygraphy" / "step_0_reference.json").exists()
     line = next(l.strip() for l in (out / "report.md").read_text().splitlines() if l.startswith("polygraphy run"))
