@@ -6,7 +6,9 @@ bundle's discrete decisions injected (teacher forcing on decisions), so its cont
 comparable after an explained flip. Continuous outputs: CompareFunc.simple, mean and max absolute error
 per output against tolerances derived from the precision. Discrete outputs: the project's compare
 function, each differing element explained only by its own margin, explained flips capped per scale.
-End to end, both sides sample from the same u: token agreement and PSNR with per-precision thresholds.
+The decoder graph is teacher-forced too: on the reference's final f_hat, against the reference VQVAE's fp32
+decode of it. End to end, both sides sample from the same u: token agreement and PSNR with per-precision
+thresholds.
 """
 from __future__ import annotations
 
@@ -29,10 +31,14 @@ class ValidationError(ActVarError):
     pass
 
 
+DECODER = NUM_SCALES     # index of the decoder's record in `reference_feeds`
+
+
 def reference_feeds(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tensor, s: SampleSettings,
                     decode: bool = True):
-    """One reference generation (the `generate` loop itself, traced): every scale's graph inputs, and
-    the Generation with its decoded images."""
+    """One reference generation (the `generate` loop itself, traced): every scale's graph inputs, then
+    (feeds[DECODER]) the decoder's: the final f_hat, with the reference's decode of it as "image" when
+    `decode`; and the Generation with its decoded images."""
     np_ = lambda t: t.detach().cpu().numpy()
     feeds = []
 
@@ -46,6 +52,7 @@ def reference_feeds(model: VAR, vae: VQVAE, labels: torch.Tensor, u: torch.Tenso
         feeds.append(ins)
 
     gen = generate(model, vae, labels, s, u_BL=u, decode=decode, trace=record)
+    feeds.append({"f_hat": np_(gen.f_hat)} | ({"image": np_(gen.images_B3HW)} if decode else {}))
     return feeds, gen
 
 
@@ -62,10 +69,22 @@ class ScaleResult:
 
 
 @dataclass
+class DecoderResult:
+    precision: str                  # the decoder graph's (manifest decoder_precision)
+    eps: float
+    stages: int
+    error: float = math.nan         # max abs error of the image
+    mean_error: float = math.nan
+    tolerances: List[float] = field(default_factory=list)   # [mean tol, max tol]
+    failures: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Report:
     precision: str
     tolerances: dict
     scales: List[ScaleResult]
+    decoder: Optional[DecoderResult] = None
     notes: List[str] = field(default_factory=list)
     end_to_end: Optional[dict] = None
     end_to_end_failures: List[str] = field(default_factory=list)
@@ -74,7 +93,8 @@ class Report:
 
     @property
     def failures(self) -> List[str]:
-        return [msg for s in self.scales for msg in s.failures] + self.end_to_end_failures
+        return ([msg for s in self.scales for msg in s.failures] + (self.decoder.failures if self.decoder else [])
+                + self.end_to_end_failures)
 
     @property
     def token_agreement(self):
@@ -101,6 +121,11 @@ class Report:
             note = (f"  {flips} explained flip(s)" if flips else "") + ("  FAIL" if s.failures else "")
             lines.append(f"{s.scale:>5} {PATCH_NUMS[s.scale]:>3} {fmt('logits')} {fmt('f_hat_out')} {fmt('kv_out')} "
                          f"{fmt('x_next')} {pct('idx')} {pct('sel_idx')} {pct('experts')}{note}")
+        if self.decoder and self.decoder.tolerances:
+            d, (mt, xt) = self.decoder, self.decoder.tolerances
+            lines.append(f"decoder ({d.precision}), teacher-forced on the reference's f_hat: image max abs error {d.error:.2e} "
+                         f"({d.error / xt:.3f} of {xt:.2e}), mean {d.mean_error:.2e} ({d.mean_error / mt:.3f} of {mt:.2e})"
+                         + ("  FAIL" if d.failures else ""))
         if self.end_to_end:
             e = self.end_to_end
             d = e.get("first_divergence")
@@ -173,11 +198,37 @@ def compare_scale(backend, model: VAR, vae: VQVAE, si: int, feed: Dict[str, np.n
     return r, feed, results
 
 
+def compare_decoder(backend, vae: VQVAE, feed: Dict[str, np.ndarray], precision: str) -> DecoderResult:
+    """The bundle's decoder on the reference's final f_hat (feed "f_hat") against the reference VQVAE's fp32
+    decode of it (feed "image" when recorded, else decoded here): mean and max abs error of the image."""
+    from .validation.rules import DecoderTolerances
+    tol = DecoderTolerances(precision)
+    ref = feed.get("image")
+    if ref is None:
+        with torch.no_grad():
+            ref = vae.fhat_to_img(torch.from_numpy(feed["f_hat"]).to(next(vae.parameters()).device)).float().cpu().numpy()
+    got = backend.infer("decoder", {"f_hat": np.ascontiguousarray(feed["f_hat"], np.float32)})["image"]
+    r = DecoderResult(precision=precision, eps=tol.eps, stages=tol.stages)
+    if got.shape != ref.shape:
+        r.failures.append(f"decoder image: shape {got.shape} != reference {ref.shape}")
+        return r
+    d = np.abs(got.astype(np.float64) - ref)
+    finite = bool(np.all(np.isfinite(d)))
+    r.error, r.mean_error = (float(d.max()), float(d.mean())) if finite else (math.inf, math.inf)
+    r.tolerances = list(tol.limits(ref))
+    for stat, val, lim in (("mean", r.mean_error, r.tolerances[0]), ("max", r.error, r.tolerances[1])):
+        if not val <= lim:
+            r.failures.append(f"decoder image: {stat} abs error {val:.3e} > tolerance {lim:.3e} "
+                              f"(teacher-forced on the reference's f_hat, {precision})")
+    return r
+
+
 def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: int, settings: SampleSettings,
                     precision: str, end_to_end: bool = True, progress=None, scales: Optional[Sequence[int]] = None,
-                    feeds: Optional[list] = None) -> Report:
+                    feeds: Optional[list] = None, decoder: bool = True) -> Report:
     """Validate `backend` (an object with `bundle` and `infer(graph, feed) -> dict`). `scales` limits the
-    teacher-forced comparison; `feeds` (from `reference_feeds`) reuses one reference generation."""
+    teacher-forced comparison of the step graphs, `decoder=False` skips the decoder's; `feeds` (from
+    `reference_feeds`) reuses one reference generation."""
     from .runtime.loop import run_bundle
     from .sampling import noise_for
     from .validation.rules import END_TO_END, Tolerances
@@ -201,6 +252,8 @@ def validate_bundle(backend, model: VAR, vae: VQVAE, labels: List[int], seed: in
         rep.polygraphy[si] = (feed, results)
         if progress:
             progress(si)
+    if decoder:
+        rep.decoder = compare_decoder(backend, vae, feeds[DECODER], backend.bundle.manifest["decoder_precision"])
     if end_to_end:
         images, ids, outs, _ = run_bundle(backend, lab.numpy(), u.numpy(), settings.cfg, settings.top_p, keep=True)
         per = [float((a == r.cpu().numpy()).mean()) for a, r in zip(ids, ref.idx)]

@@ -40,7 +40,8 @@ def bundle(request, actvar_ckpt, tmp_path_factory):
 
 def test_teacher_forced_and_end_to_end(bundle, models):
     """Every scale, both lowerings: continuous outputs within 1e-4 of the reference with identical
-    inputs, discrete outputs identical (or explained by a sub-tolerance margin); end to end with the
+    inputs, discrete outputs identical (or explained by a sub-tolerance margin), the decoder's image on the
+    reference's f_hat within 1e-4; end to end with the
     same noise the fp32 thresholds (≥ 99 % of tokens, ≥ 40 dB PSNR) hold."""
     model, vae = models
     rep = validate_bundle(Runtime(bundle, "cpu"), model, vae, [5, 400, 999], seed=7,
@@ -50,6 +51,8 @@ def test_teacher_forced_and_end_to_end(bundle, models):
         assert set(s.errors) >= {"logits", "f_hat_out", "kv_out"}
         assert max(s.errors.values()) <= 1e-4
     assert {"sel_idx", "experts"} <= set(rep.scales[8].agreement) and {"sel_idx", "experts"} <= set(rep.scales[9].agreement)
+    # the decoder teacher-forced on the reference's final f_hat (fp32 VQVAE decode of it)
+    assert rep.decoder.precision == "fp32" and rep.decoder.error <= 1e-4, rep.table()
     # end to end with the same u: the fp32 rule of docs/validation.md (tokens and PSNR; in rep.failures too)
     assert rep.token_agreement >= rep.end_to_end["min_token_agreement"] and rep.psnr_db >= rep.end_to_end["min_psnr_db"]
 

@@ -41,7 +41,7 @@ def polygraphy_command(bundle: Path, out: Path, si: int, rep) -> str:
 
 def errors_png(rep, path: Path) -> None:
     """Per scale: each continuous output's max abs error over its tolerance (log scale; the line at 1 is
-    the tolerance) and, below, the explained flips per scale."""
+    the tolerance) and, below, the explained flips per scale and the decoder's max error over its tolerance."""
     W, H, L, T, Bm = 640, 360, 60, 30, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -66,7 +66,10 @@ def errors_png(rep, path: Path) -> None:
     flips = {s.scale: sum(s.explained.values()) for s in rep.scales}
     d.text((L, H - 30), "explained flips: " + "  ".join(f"{k}:{v}" for k, v in flips.items()), fill="black")
     failed = [s.scale for s in rep.scales if s.failures]
-    d.text((L, H - 16), "failing scales: " + (", ".join(map(str, failed)) or "none"), fill=(200, 0, 0) if failed else "black")
+    dec = rep.decoder
+    dec_line = f";  decoder max error / tolerance {dec.error / dec.tolerances[1]:.3f}" if dec and dec.tolerances else ""
+    d.text((L, H - 16), "failing scales: " + (", ".join(map(str, failed)) or "none") + dec_line,
+           fill=(200, 0, 0) if failed or (dec and dec.failures) else "black")
     img.save(path, format="PNG")
 
 

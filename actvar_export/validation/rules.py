@@ -13,6 +13,7 @@ from polygraphy.comparator import SimpleCompareFunc
 
 from .. import ops
 from ..sampling import filter_top_k_top_p, sample_noise
+from ..vqvae import CH, CH_MULT, NUM_RES_BLOCKS
 
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 # safety factors over the derived error scale eps·sqrt(stages)·magnitude (calibration: docs/validation.md)
@@ -65,6 +66,41 @@ class Tolerances:
         return {"precision": self.precision, "eps": self.eps, "alpha_mean": ALPHA_MEAN, "alpha_max": ALPHA_MAX,
                 "flip_cap": FLIP_CAP[self.precision], "id_flip_cap": ID_FLIP_CAP[self.precision],
                 "end_to_end": END_TO_END[self.precision]}
+
+
+@dataclass(frozen=True)
+class DecoderTolerances:
+    """The decoder graph (f_hat -> image) against the reference VQVAE's fp32 decode of the same f_hat, derived
+    like the step outputs': eps of the decoder's precision (manifest `decoder_precision`) with fp32 accumulation
+    over the longest reduction, times sqrt(stages), times the reference image's magnitude."""
+    precision: str
+
+    @property
+    def reduction(self) -> int:
+        """The longest dot product: a 3x3 convolution over the widest level's channels (160·4·9 = 5760)."""
+        return CH * CH_MULT[-1] * 9
+
+    @property
+    def eps(self) -> float:
+        return UNIT_ROUNDOFF[self.precision] + UNIT_ROUNDOFF["fp32"] * math.sqrt(self.reduction)
+
+    @property
+    def stages(self) -> int:
+        """Conv/MatMul stages on the longest path from f_hat to the image, each one rounding to the decoder's
+        precision: post_quant_conv and conv_in (2); the middle ResnetBlock, attention, ResnetBlock (2 + 4 + 2);
+        per level, NUM_RES_BLOCKS + 1 ResnetBlocks of two 3x3 convs each (the 1x1 shortcut runs beside them, one
+        stage, so it is not the longest path), at the lowest resolution an attention block after each (qkv,
+        q·k, w·v, proj_out: 4), and an upsampling conv on every level but the last; conv_out (1). Every branch
+        adds into the residual stream, so each stage's rounding reaches the image: 57 for vae_ch160v4096z32."""
+        blocks = NUM_RES_BLOCKS + 1
+        levels = sum(2 * blocks + (4 * blocks if i == len(CH_MULT) - 1 else 0) + (1 if i else 0)
+                     for i in range(len(CH_MULT)))
+        return 2 + (2 + 4 + 2) + levels + 1
+
+    def limits(self, ref: np.ndarray):
+        """(mean tolerance, max tolerance) of the absolute error against the reference image `ref`."""
+        r, s = np.abs(ref.astype(np.float64)), self.eps * math.sqrt(self.stages)
+        return ALPHA_MEAN * s * float(r.mean()), ALPHA_MAX * s * float(np.sqrt((r ** 2).mean()))
 
 
 # end to end (same u, no teacher forcing): fp32 must reproduce the reference; fp16/bf16 must not diverge
