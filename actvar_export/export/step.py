@@ -434,9 +434,9 @@ def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
     the inverse CDF in vocabulary order. A static TopK returns k values: the n_x survivors beyond them all
     equal the k-th value, so they enter the normaliser and the tail sums analytically (j·p_k for the j-th
     from the end), and the kept set is "logit > last kept value, plus the first m ids equal to it".
-    The vocabulary sums are one CumSum each: fp32 additions one id after the other, the order of design §3
-    that `sampling.inverse_cdf` reproduces (ONNX Runtime's CUDA CumSum costs O(V²) per row this way); the count
-    of tied ids needs no order (`running_count`)."""
+    The draw's vocabulary sums are fp32 additions one id after the other, the order of design §3 that
+    `sampling.inverse_cdf` reproduces (`sequential_cumsum`); the count of tied ids needs no order
+    (`running_count`)."""
     vals, _ = g.op("TopK", [lc, g.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)     # (..., k) desc
     mx, kth = g.slice(vals, [0], [1], [-1]), g.slice(vals, [k - 1], [k], [-1])
     survive = g.op("GreaterOrEqual", [lc, kth])                                          # (..., V)
@@ -460,11 +460,31 @@ def noise_sampler(g: Graph, lc: str, u: str, top_p: str, k: int, V: int) -> str:
     first_m = g.op("LessOrEqual", [running_count(g, g.cast(at, F32), V), g.cast(m, F32)])
     keep = g.op("Or", [above, g.op("And", [at, first_m])])
     w = g.op("Where", [keep, e, g.scalar(0.0)])
-    cdf = g.op("CumSum", [w, g.i64(-1)])
+    cdf = sequential_cumsum(g, w, V)
     total = g.slice(cdf, [V - 1], [V], [-1])
     below = g.op("LessOrEqual", [cdf, g.op("Mul", [g.op("Unsqueeze", [u, g.i64(-1)]), total])])
     count = g.op("ReduceSum", [g.cast(below, I64), g.i64(-1)], keepdims=0)
     return g.op("Min", [count, g.i64(V - 1)])
+
+
+def sequential_cumsum(g: Graph, w: str, V: int, pieces: int = 8) -> str:
+    """Inclusive running sum of w (N, l, V) along V in fp32, added one id after the other from id 0: the values of
+    one CumSum, which ONNX Runtime's CUDA kernel computes by adding up each element's whole prefix (O(V²) per row).
+    Here `pieces` CumSums of V/pieces + 1 values: piece j runs over [the running total at the end of piece j-1,
+    its own values], so each of its elements is exactly the sequential sum continued (the total first, then the
+    piece's values in order), at 1/pieces of the work."""
+    if V % pieces or pieces < 2:
+        return g.op("CumSum", [w, g.i64(-1)])
+    n = V // pieces
+    outs, total = [], None
+    for part in g.split(w, pieces, n, axis=-1):
+        if total is None:
+            run = g.op("CumSum", [part, g.i64(-1)])
+        else:
+            run = g.slice(g.op("CumSum", [g.op("Concat", [total, part], axis=-1), g.i64(-1)]), [1], [n + 1], [-1])
+        total = g.slice(run, [n - 1], [n], [-1])
+        outs.append(run)
+    return g.op("Concat", outs, axis=-1)
 
 
 def running_count(g: Graph, ind: str, V: int, block: int = 64) -> str:
