@@ -1,18 +1,36 @@
 """Triton serving throughput: images/second of the `python` repository of a random-weight bundle at
 1, 4 and 16 concurrent clients (one image per request, so the dynamic batcher must pack requests into
-the bundle's static batch) beside the in-process runtime at the same batch. Each client keeps one gRPC connection
-and sends its next request as soon as its response is back. Triton's statistics give each level's requests per
-execution: every execution runs one padded static batch, so images/s ~ in-process x (requests per execution / batch).
-Prints a table, writes JSON.
+the bundle's static batch) beside the in-process runtime at the same batch. Each client is its own process (as
+independent clients are: no client shares an interpreter lock with another), keeps one gRPC connection and sends its
+next request as soon as its response is back; a level counts the responses received between a common start and stop
+time. Triton's statistics give each level's requests per execution: every execution runs one padded static batch,
+so images/s ~ in-process x (requests per execution / batch). Prints a table, writes JSON.
 
     python3 benchmarks/bench_triton.py --depth 16 --batch 16 --precision fp16 --json $OUT/bench_triton.json
 """
 from __future__ import annotations
 
 import argparse
-import threading
+import multiprocessing as mp
 import time
 from pathlib import Path
+
+
+def _client(url: str, k: int, start: float, stop: float, out) -> None:
+    """One client process: requests one image at a time from `start` until `stop`; puts the responses received
+    in that span (a request still in flight at `stop` is not counted)."""
+    from actvar_export.serving.client import ActVarClient
+    with ActVarClient(url, "grpc") as c:
+        c.images([k % 1000], k)                     # connected and warm before the span
+        while time.time() < start:
+            time.sleep(0.001)
+        done, i = 0, 0
+        while True:
+            c.images([(k * 97 + i) % 1000], k * 1000 + i)
+            if time.time() > stop:
+                break
+            done, i = done + 1, i + 1
+    out.put(done)
 
 
 def main():
@@ -63,35 +81,28 @@ def main():
     with TritonServer(repo) as srv, ActVarClient(srv.grpc_url, "grpc") as probe:
         probe.images([0], 0)                      # warm
         for n in [int(c) for c in a.clients.split(",")]:
-            clients = [ActVarClient(srv.grpc_url, "grpc") for _ in range(n)]
-            done, stop = [0], time.time() + a.seconds
-            lock = threading.Lock()
-
-            def client(k):
-                i = 0
-                while time.time() < stop:
-                    clients[k].images([(k * 97 + i) % 1000], k * 1000 + i)
-                    with lock:
-                        done[0] += 1
-                    i += 1
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            start = time.time() + 10 + 0.5 * n               # the processes import, connect and warm up first
+            stop = start + a.seconds
+            procs = [ctx.Process(target=_client, args=(srv.grpc_url, k, start, stop, q)) for k in range(n)]
+            for pr in procs:
+                pr.start()
+            while time.time() < start:
+                time.sleep(0.01)
             before = probe.batching()
-            t = time.time()
-            ths = [threading.Thread(target=client, args=(k,)) for k in range(n)]
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
-            rate = done[0] / (time.time() - t)
+            done = sum(q.get(timeout=a.seconds + 600) for _ in procs)
+            for pr in procs:
+                pr.join()
             span = batching_between(before, probe.batching())
-            for c in clients:
-                c.close()
+            rate = done / a.seconds
             rows[f"triton_{n}_clients"] = {"images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3),
                                           **span}
             print(f"triton, {n:>2} clients (gRPC, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of "
                   f"in-process); {span['requests_per_execution']} requests per execution of batch {a.batch} "
                   f"({span['executions']} executions: {span['batches']})", flush=True)
     res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": delay,
-           "results": rows}
+           "clients": "one process each, gRPC", "results": rows}
     if a.json:
         write_json_atomic(a.json, res)
 
