@@ -280,17 +280,21 @@ def test_cuda_graph_capture_and_replay(ort_cuda):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_plugin_bundle_on_cuda_teacher_forced(ort_cuda, actvar_ckpt, tmp_path, precision):
     """A plugin bundle through the runtime on CUDA (the library registered by it, TF32 off for fp32): every scale
-    within the product's validation rules (fp32: 1e-4) and selections agreeing."""
+    within the product's validation rules (fp32: 1e-4) and selections agreeing, end to end included. Eight images:
+    the fp16 end-to-end rule compares two agreement statistics, and over two images of the tiny model each moves
+    by several points between classes (CPU provider, same bundle: 9.5-18.6 % for the bundle, 7.0-22.7 % for the
+    autocast reference)."""
     from actvar_export.checkpoint import build_models, load_checkpoint
     from actvar_export.generate import SampleSettings
     from actvar_export.runtime.ort_runtime import Runtime
     from actvar_export.validate import validate_bundle
-    bundle = Bundle.open(build_bundle(actvar_ckpt, tmp_path / "b", batch=2, precision=precision, lowering="plugin",
-                                      show_progress=False))
+    labels = [5, 400, 1, 2, 33, 777, 123, 999]
+    bundle = Bundle.open(build_bundle(actvar_ckpt, tmp_path / "b", batch=len(labels), precision=precision,
+                                      lowering="plugin", show_progress=False))
     backend = Runtime(bundle, "cuda")
     assert backend.cuda_ops is not None
     model, vae = build_models(load_checkpoint(actvar_ckpt))
-    rep = validate_bundle(backend, model, vae, [5, 400], seed=7,
+    rep = validate_bundle(backend, model, vae, labels, seed=7,
                           settings=SampleSettings(sampler="noise", cfg=4.0, top_k=900, top_p=0.95), precision=precision)
     assert rep.failures == [], rep.table()
     assert {"sel_idx", "experts"} <= set(rep.scales[9].agreement)
