@@ -116,6 +116,8 @@ def bench_bundle(bundle_dir, ckpt: Optional[Path] = None, iters: int = 10, warmu
     bar.close()
     res["runtime"] = _summary(lat, scales, B)
     res["runtime"]["cuda_graphs"] = rt.graph_report()
+    if rt.cuda_options:
+        res["runtime"]["cuda_options"] = rt.cuda_options
     if cuda:
         res["runtime"]["peak_device_bytes"] = _device_used(torch) - base
         res["runtime"]["torch_buffers_bytes"] = torch.cuda.max_memory_allocated()

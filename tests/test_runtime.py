@@ -101,3 +101,16 @@ def test_cuda_graph_ids_equal_plain_run(bundle):
     _, ref_ids, _, _ = run_bundle(rt, lab, u, 1.5, 0.96, decode=False)
     assert all((a == r).all() for a, r in zip(ids, ref_ids))
     assert "11/11" in rt.graph_report(), rt.graph_report()
+
+
+def test_extra_cuda_options_parse_and_refuse():
+    """ACTVAR_ORT_CUDA_OPTIONS: key=value pairs pass through; a malformed entry or an option the runtime sets
+    itself is one ActVarError naming the variable."""
+    from actvar_export.runtime.ort_runtime import extra_cuda_options
+    assert extra_cuda_options(" fuse_conv_bias=1, prefer_nhwc = 1,") == {"fuse_conv_bias": "1", "prefer_nhwc": "1"}
+    assert extra_cuda_options("") == {}
+    for bad, what in (("fuse_conv_bias", "is not key=value"), ("=1", "is not key=value"),
+                      ("enable_cuda_graph=0", "set by the runtime"), ("use_tf32=1", "set by the runtime")):
+        with pytest.raises(ActVarError, match=what) as e:
+            extra_cuda_options(bad)
+        assert "ACTVAR_ORT_CUDA_OPTIONS" in str(e.value) and "\n" not in str(e.value)

@@ -17,11 +17,15 @@ Buffer plan (the same on both providers; torch tensors on the device, torch CPU 
   ONNX Runtime cannot capture (nodes outside the CUDA provider) runs without one, and `graph_report()`
   says which steps run as graphs. All sessions run on one stream the runtime owns, without host syncs
   between steps.
+- ACTVAR_ORT_CUDA_OPTIONS="key=value,..." adds CUDA provider options of ONNX Runtime to every session (e.g.
+  `fuse_conv_bias=1`, `prefer_nhwc=1`, `cudnn_conv_algo_search=HEURISTIC`); the C++ runtime reads the same
+  variable. The options the runtime sets itself (device, stream, CUDA graphs, TF32) cannot be given there.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,6 +40,25 @@ from .custom_ops import CUDA_PROVIDER, cuda_ops_library, register_cuda_ops
 DEVICES = ("cuda", "cpu")
 _CHUNK = 256 << 20
 _REGISTERED_ARENAS = set()     # (device, id): the environment allocator is registered once per process
+
+
+CUDA_OPTIONS_ENV = "ACTVAR_ORT_CUDA_OPTIONS"
+_OWN_CUDA_OPTIONS = ("device_id", "user_compute_stream", "has_user_compute_stream", "enable_cuda_graph", "use_tf32")
+
+
+def extra_cuda_options(text: Optional[str] = None) -> Dict[str, str]:
+    """The CUDA provider options of ACTVAR_ORT_CUDA_OPTIONS ("key=value,key=value"; `text` instead of the
+    environment). One-line ActVarError for a malformed entry or an option the runtime sets itself."""
+    text = os.environ.get(CUDA_OPTIONS_ENV, "") if text is None else text
+    out: Dict[str, str] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = (t.strip() for t in item.partition("="))
+        if not eq or not key or not value:
+            raise ActVarError(f"{CUDA_OPTIONS_ENV}: {item!r} is not key=value")
+        if key in _OWN_CUDA_OPTIONS:
+            raise ActVarError(f"{CUDA_OPTIONS_ENV}: {key} is set by the runtime itself")
+        out[key] = value
+    return out
 
 
 def default_device() -> str:
@@ -91,6 +114,7 @@ class Runtime:
         self.cuda_ops = None
         if device == "cuda" and bundle.manifest.get("lowering") == "plugin":
             self.cuda_ops = cuda_ops_library(ort.get_available_providers())
+        self.cuda_options = extra_cuda_options() if device == "cuda" else {}
         self.dev = torch.device(device, device_id) if device == "cuda" else torch.device("cpu")
         self.device_id = device_id
         self.cuda_graphs = bool(cuda_graphs and device == "cuda")
@@ -163,7 +187,8 @@ class Runtime:
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             opts = {"device_id": str(self.device_id), "use_tf32": "0" if self.bundle.manifest["precision"] == "fp32" else "1",
-                    "user_compute_stream": str(self.stream.cuda_stream), "has_user_compute_stream": "1"}
+                    "user_compute_stream": str(self.stream.cuda_stream), "has_user_compute_stream": "1",
+                    **self.cuda_options}
             if graphs:
                 opts["enable_cuda_graph"] = "1"
             providers.insert(0, ("CUDAExecutionProvider", opts))

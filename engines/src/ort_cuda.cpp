@@ -7,8 +7,13 @@
 //   inputs of a batch (labels, u, cfg, top_p) are copied in once per batch;
 // - every session runs on the runtime's stream (user_compute_stream), as a CUDA graph where ONNX Runtime can
 //   capture it (enable_cuda_graph; ONNX Runtime refuses at session creation when nodes fall outside the CUDA
-//   provider: that graph then runs without one); only the ids and the image are copied back, with one sync.
+//   provider: that graph then runs without one); only the ids and the image are copied back, with one sync;
+// - ACTVAR_ORT_CUDA_OPTIONS="key=value,..." adds CUDA provider options, as in the Python runtime.
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "ort_engine.h"
 
@@ -80,15 +85,52 @@ void OrtEngine::open_cuda() {
               "ONNX Runtime: run options");
 }
 
+namespace {
+// ACTVAR_ORT_CUDA_OPTIONS: "key=value,key=value" (the Python runtime's extra_cuda_options)
+std::vector<std::pair<std::string, std::string>> extra_cuda_options() {
+    static const char* env = "ACTVAR_ORT_CUDA_OPTIONS";
+    static const char* own[] = {"device_id", "user_compute_stream", "has_user_compute_stream", "enable_cuda_graph",
+                                "use_tf32"};
+    std::vector<std::pair<std::string, std::string>> out;
+    const char* text = std::getenv(env);
+    std::string all = text ? text : "";
+    auto trim = [](std::string t) {
+        const auto a = t.find_first_not_of(" \t"), b = t.find_last_not_of(" \t");
+        return a == std::string::npos ? std::string() : t.substr(a, b - a + 1);
+    };
+    size_t pos = 0;
+    while (pos <= all.size()) {
+        size_t end = all.find(',', pos);
+        if (end == std::string::npos) end = all.size();
+        const std::string item = trim(all.substr(pos, end - pos));
+        pos = end + 1;
+        if (item.empty()) continue;
+        const size_t eq = item.find('=');
+        const std::string key = eq == std::string::npos ? "" : trim(item.substr(0, eq));
+        const std::string value = eq == std::string::npos ? "" : trim(item.substr(eq + 1));
+        if (key.empty() || value.empty()) throw Error(std::string(env) + ": '" + item + "' is not key=value");
+        for (const char* k : own)
+            if (key == k) throw Error(std::string(env) + ": " + key + " is set by the runtime itself");
+        out.emplace_back(key, value);
+    }
+    return out;
+}
+}  // namespace
+
 void OrtEngine::append_cuda_provider(OrtSessionOptions* so, bool cuda_graph) {
+    const auto extra = extra_cuda_options();     // (a malformed variable fails before anything is created)
     ort_check(api_.AddSessionConfigEntry(so, "session.use_env_allocators", "1"), "ONNX Runtime: config");
     OrtCUDAProviderOptionsV2* cuda = nullptr;
     ort_check(api_.CreateCUDAProviderOptions(&cuda), "ONNX Runtime: CUDA provider options");
     const std::string id = std::to_string(opt_.device_id);
     // TF32 off for float32 bundles, as the Python runtime
-    const char* keys[] = {"device_id", "use_tf32", "enable_cuda_graph"};
-    const char* vals[] = {id.c_str(), bundle_.info.precision == "fp32" ? "0" : "1", cuda_graph ? "1" : "0"};
-    OrtStatus* st = api_.UpdateCUDAProviderOptions(cuda, keys, vals, 3);
+    std::vector<const char*> keys = {"device_id", "use_tf32", "enable_cuda_graph"};
+    std::vector<const char*> vals = {id.c_str(), bundle_.info.precision == "fp32" ? "0" : "1", cuda_graph ? "1" : "0"};
+    for (const auto& kv : extra) {
+        keys.push_back(kv.first.c_str());
+        vals.push_back(kv.second.c_str());
+    }
+    OrtStatus* st = api_.UpdateCUDAProviderOptions(cuda, keys.data(), vals.data(), keys.size());
     // after UpdateCUDAProviderOptions, which resets has_user_compute_stream; this sets it with the stream
     if (!st) st = api_.UpdateCUDAProviderOptionsWithValue(cuda, "user_compute_stream", cuda_->stream());
     if (!st) st = api_.SessionOptionsAppendExecutionProvider_CUDA_V2(so, cuda);
