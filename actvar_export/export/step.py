@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after
-from .graph import BF16, CUSTOM_DOMAIN, F16, F32, I32, I64, ORT_DOMAIN, Graph
+from .graph import CUSTOM_DOMAIN, F16, F32, I32, I64, ORT_DOMAIN, Graph
 from .weights import stacked_keys
 
 LOWERINGS = ("portable", "plugin")
@@ -309,9 +309,10 @@ class StepBuilder:
         """q, k, v (S, n, C) in the graph precision for ONNX Runtime: the qkv GEMM with its bias (k's is zero) in the
         graph precision, one Split, and q and k L2-normalised each by the root-mean-square pattern that ONNX
         Runtime fuses into one SimplifiedLayerNormalization kernel (x / sqrt(mean(x²) + ε) · 1/8 = x / ‖x‖ over the
-        64 channels of a head, computed in fp32; ε = 1e-24 = (1e-12)² / 64 leaves F.normalize's result unchanged
-        wherever ‖x‖ ≥ 1e-12), then q times its head's clamped scale. No fp32 copy of qkv, no generic reduction."""
-        g, S, C, H, P = self.g, self.S, self.C, self.H, self.P
+        64 channels of a head, computed in fp32; ε = 1e-24 moves the result by less than fp32's rounding wherever
+        ‖x‖ > 1e-7, and near 0 both this and F.normalize's max(‖x‖, 1e-12) give a vector near 0), then q times its
+        head's clamped scale. No fp32 copy of qkv, no generic reduction."""
+        g, S, C, H = self.g, self.S, self.C, self.H
         zero = self.shared(("zeros_p", C))
         bias = g.op("Concat", [g.w(f"{pre}.q_bias"), zero, g.w(f"{pre}.v_bias")], axis=0)   # (3C) in P
         qkv = g.op("Gemm", [g.reshape(g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), bias], transB=1)
@@ -338,7 +339,7 @@ class StepBuilder:
         """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider) on the
         normalised q, k (q pre-multiplied by the clamped scale) and v, each (S, n, C): op scale 1, no mask; the op
         appends the current keys/values to the cache prefix (past -> present, both (S, H, L, 64))."""
-        g, S, H, C = self.g, self.S, self.H, self.C
+        g, H = self.g, self.H
         ins = list(qkv)
         if cache is not None:
             ins += ["", "", "", cache[0], cache[1]]
