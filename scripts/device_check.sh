@@ -7,7 +7,8 @@
 # through the CUDA EP, reports under $OUT), ortops (the
 # ONNX Runtime custom-op library plugins/ort and its GPU tests), trtplugins (the TensorRT plugin library's test
 # program: enqueue on the GPU compared with the reference ops), probe (the expert GEMMs alone,
-# benchmarks/gemm_probe.cu; not in the default list), triton_gpus (Triton with the instances on GPU 0 vs on every GPU:
+# benchmarks/gemm_probe.cu; not in the default list), ortopts (the runtime under sets of extra CUDA provider options;
+# not in the default list), triton_gpus (Triton with the instances on GPU 0 vs on every GPU:
 # images/s ratio and checked images; needs 2+ GPUs, not in the default list). Other sections can be added as functions named
 # section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
@@ -157,6 +158,31 @@ section_ort() {
             --json "$OUT/bench_d${d}_b$b.json" 2> "$W/err.log" || { rc=1; tail -5 "$W/err.log"; }
         rm -rf "$W/d${d}_b$b"
     done
+    return $rc
+}
+
+section_ortopts() {
+    # The runtime alone (no eager side) on one bundle under several sets of extra CUDA provider options
+    # (ACTVAR_ORT_CUDA_OPTIONS, README "The runtime"), in one process each, same bundle: an A/B of ONNX Runtime's
+    # options. OPTS_CONFIG "depth:batch" (default 16:16); OPTS_SETS space-separated sets, "-" = none
+    # (default "- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1"); OPTS_ITERS (default 5).
+    echo "== ortopts: the runtime under extra CUDA provider options"
+    ort_gpu_site || return 1
+    local W=/tmp/ortrt rc=0 c=${OPTS_CONFIG:-16:16} d b set k=0
+    d=${c%%:*}; b=${c##*:}
+    mkdir -p "$W"
+    [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
+    python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/o_d${d}_b$b" --batch "$b" --precision fp16 --force \
+        2> "$W/err.log" || { tail -5 "$W/err.log"; return 1; }
+    for set in ${OPTS_SETS:-- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1}; do
+        k=$((k + 1))
+        [ "$set" = - ] && set=""
+        echo "-- ACTVAR_ORT_CUDA_OPTIONS='$set'"
+        ACTVAR_ORT_CUDA_OPTIONS=$set python3 -m actvar_export bench --bundle "$W/o_d${d}_b$b" --iters "${OPTS_ITERS:-5}" \
+            --json "$OUT/ortopts_d${d}_b${b}_$k.json" 2> "$W/err.log" | grep -E "images / s|CUDA graphs|peak" ||
+            { rc=1; tail -5 "$W/err.log"; }
+    done
+    rm -rf "$W/o_d${d}_b$b"
     return $rc
 }
 
