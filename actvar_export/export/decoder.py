@@ -1,8 +1,6 @@
 """The VQVAE decoder graph: f_hat (B, 32, 16, 16) -> image (B, 3, 256, 256) in [0, 1]."""
 from __future__ import annotations
 
-import numpy as np
-
 from ..vqvae import CH, CH_MULT, NUM_RES_BLOCKS
 from .graph import F32, Graph, decoder_precision
 
@@ -38,20 +36,13 @@ class DecoderBuilder:
         """GroupNorm(32, eps 1e-6) of x (B, C, side, side) in the graph precision: InstanceNormalization over each
         group's (C/32)·side² values, the per-channel affine, then SiLU if asked."""
         g, HW = self.g, side * side
-        ones, zeros = self._oz()
+        ones, zeros = g.ones_zeros(32, g.P)
         y = g.op("InstanceNormalization", [g.reshape(x_p, self.B, 32, (C // 32) * HW), ones, zeros], epsilon=1e-6)
         y = g.reshape(y, self.B, C, HW)
         scale = g.op("Unsqueeze", [g.w(f"vae.{key}.weight"), g.i64(1)])
         shift = g.op("Unsqueeze", [g.w(f"vae.{key}.bias"), g.i64(1)])
         y = g.reshape(g.op("Add", [g.op("Mul", [y, scale]), shift]), self.B, C, side, side)
         return g.silu(y) if silu else y
-
-    def _oz(self):
-        """ones(32), zeros(32) in the graph precision: InstanceNormalization's identity affine."""
-        g = self.g
-        if g.P == F32:
-            return g.ones_zeros(32)
-        return g.shared(("oz_p", 1), lambda: np.ones(32, np.float16)), g.shared(("oz_p", 0), lambda: np.zeros(32, np.float16))
 
     def resnet(self, x, key, cin, cout, side):
         xp = self.to_p(x)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 F32, F16, BF16, I64, I32, BOOL = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
                                   TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL)
 PRECISION_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}
+NP_FLOAT = {F32: np.float32, F16: np.float16}      # the float types numpy has (bf16 constants are made fp32 and cast)
 OPSET = 17
 IR_VERSION = 10
 CUSTOM_DOMAIN = "actvar"
@@ -100,7 +101,7 @@ class Graph:
         return self.const(np.array(vals, dtype=np.int64), hint="i")
 
     def scalar(self, v: float, dtype: int = F32) -> str:
-        np_dt = {F32: np.float32, F16: np.float16}.get(dtype)
+        np_dt = NP_FLOAT.get(dtype)
         if np_dt is None:  # bf16 scalar: make fp32 and cast
             return self.cast(self.const(np.array(v, np.float32)), dtype)
         return self.const(np.array(v, dtype=np_dt), hint="s")
@@ -191,11 +192,12 @@ class Graph:
             self._cache[key] = self.const(make(), hint=str(key[0]))
         return self._cache[key]
 
-    def ones_zeros(self, n: int):
-        """Shared fp32 ones(n) and zeros(n) constants (identity affine of a normalisation)."""
-        key = ("_oz", n)
+    def ones_zeros(self, n: int, dtype: int = F32):
+        """Shared ones(n) and zeros(n) constants of an fp32 or fp16 `dtype` (identity affine of a normalisation)."""
+        key = ("_oz", n, dtype)
         if key not in self._cache:
-            self._cache[key] = (self.const(np.ones(n, np.float32), hint="one"), self.const(np.zeros(n, np.float32), hint="zero"))
+            t = NP_FLOAT[dtype]
+            self._cache[key] = (self.const(np.ones(n, t), hint="one"), self.const(np.zeros(n, t), hint="zero"))
         return self._cache[key]
 
     def gelu_tanh(self, x: str, dtype: int) -> str:

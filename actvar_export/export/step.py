@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from ..config import CVAE, NUM_SCALES, PATCH_NUMS, PHI_INDEX, SCALE_BEGIN, SCALE_LENS, ModelSpec, cache_len_after
-from .graph import CUSTOM_DOMAIN, F16, F32, I32, I64, ORT_DOMAIN, Graph
+from .graph import CUSTOM_DOMAIN, F32, I32, I64, NP_FLOAT, ORT_DOMAIN, Graph
 from .weights import stacked_keys
 
 LOWERINGS = ("portable", "plugin")
@@ -144,8 +144,7 @@ class StepBuilder:
     def shared(self, key):
         """One constant per graph, used by every block: ("zeros", *shape), ("ones", *shape), ("is_v",) (which of
         q, k, v is v, (3, 1, 1) bool), ("ada1", chunks, scale_chunks) (1 on the adaLN scale chunks, 0 elsewhere),
-        ("zeros_p", n) (zeros in the graph precision) or ("rms_gamma", 64) / ("rms_gamma32", 64) (0.125: RMS to L2
-        normalisation, in the graph precision / fp32)."""
+        or ("rms_gamma", 64, dtype) (0.125 in fp32 or fp16: RMS to L2 normalisation)."""
         def make():
             kind, *shape = key
             if kind == "ada1":
@@ -154,10 +153,8 @@ class StepBuilder:
                 return arr.reshape(-1)
             if kind == "is_v":
                 return np.array([False, False, True]).reshape(3, 1, 1)
-            if kind == "zeros_p":
-                return np.zeros(shape, {F16: np.float16}.get(self.P, np.float32))
-            if kind in ("rms_gamma", "rms_gamma32"):
-                return np.full(shape, 0.125, {F16: np.float16}.get(self.P if kind == "rms_gamma" else F32, np.float32))
+            if kind == "rms_gamma":
+                return np.full(shape[0], 0.125, NP_FLOAT[shape[1]])
             return (np.zeros if kind == "zeros" else np.ones)(shape, np.float32)
         return self.g.shared(key, make)
 
@@ -313,7 +310,7 @@ class StepBuilder:
         ‖x‖ > 1e-7, and near 0 both this and F.normalize's max(‖x‖, 1e-12) give a vector near 0), then q times its
         head's clamped scale. No fp32 copy of qkv, no generic reduction."""
         g, S, C, H = self.g, self.S, self.C, self.H
-        zero = self.shared(("zeros_p", C))
+        zero = g.ones_zeros(C, self.P)[1]
         bias = g.op("Concat", [g.w(f"{pre}.q_bias"), zero, g.w(f"{pre}.v_bias")], axis=0)   # (3C) in P
         qkv = g.op("Gemm", [g.reshape(g.to_p(h_f32), -1, C), g.w(f"{pre}.mat_qkv.weight"), bias], transB=1)
         q, k, v = g.split(g.reshape(qkv, S, n, 3, H, 64), 3, 1, axis=2)                  # (S, n, 1, H, 64) each
@@ -332,8 +329,8 @@ class StepBuilder:
         ms = g.op("ReduceMean", [g.op("Pow", [x, g.scalar(2.0)])], axes=[-1], keepdims=1)
         y = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [ms, g.scalar(1e-24)])])])
         if out_p:
-            return g.op("Mul", [g.to_p(y), self.shared(("rms_gamma", 64))])
-        return g.op("Mul", [y, self.shared(("rms_gamma32", 64))])
+            return g.op("Mul", [g.to_p(y), self.shared(("rms_gamma", 64, self.P))])
+        return g.op("Mul", [y, self.shared(("rms_gamma", 64, F32))])
 
     def _fused_attention(self, pre, qkv, n, cache):
         """ONNX Runtime's com.microsoft.MultiHeadAttention (flash attention on the CUDA provider) on the
