@@ -162,27 +162,31 @@ section_ort() {
 }
 
 section_ortopts() {
-    # The runtime alone (no eager side) on one bundle under several sets of extra CUDA provider options
-    # (ACTVAR_ORT_CUDA_OPTIONS, README "The runtime"), in one process each, same bundle: an A/B of ONNX Runtime's
-    # options. OPTS_CONFIG "depth:batch" (default 16:16); OPTS_SETS space-separated sets, "-" = none
-    # (default "- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1"); OPTS_ITERS (default 5).
+    # The runtime alone (no eager side) on one bundle per configuration under several sets of extra CUDA provider
+    # options (ACTVAR_ORT_CUDA_OPTIONS, README "The runtime"), in one process each, same bundle: an A/B of ONNX
+    # Runtime's options. OPTS_CONFIGS "depth:batch ..." (default 16:16); OPTS_SETS space-separated sets, "-" = none
+    # (default "- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1"); OPTS_ITERS (default 5);
+    # OPTS_PROFILE=1 adds the kernel profile to each JSON.
     echo "== ortopts: the runtime under extra CUDA provider options"
     ort_gpu_site || return 1
-    local W=/tmp/ortrt rc=0 c=${OPTS_CONFIG:-16:16} d b set k=0
-    d=${c%%:*}; b=${c##*:}
+    local W=/tmp/ortrt rc=0 c d b set k prof=()
     mkdir -p "$W"
-    [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
-    python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/o_d${d}_b$b" --batch "$b" --precision fp16 --force \
-        2> "$W/err.log" || { tail -5 "$W/err.log"; return 1; }
-    for set in ${OPTS_SETS:-- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1}; do
-        k=$((k + 1))
-        [ "$set" = - ] && set=""
-        echo "-- ACTVAR_ORT_CUDA_OPTIONS='$set'"
-        ACTVAR_ORT_CUDA_OPTIONS=$set python3 -m actvar_export bench --bundle "$W/o_d${d}_b$b" --iters "${OPTS_ITERS:-5}" \
-            --json "$OUT/ortopts_d${d}_b${b}_$k.json" 2> "$W/err.log" | grep -E "images / s|CUDA graphs|peak" ||
-            { rc=1; tail -5 "$W/err.log"; }
+    [ "${OPTS_PROFILE:-0}" = 1 ] && prof=(--profile "$W/profile")
+    for c in ${OPTS_CONFIGS:-16:16}; do
+        d=${c%%:*}; b=${c##*:}; k=0
+        [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
+        python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/o_d${d}_b$b" --batch "$b" --precision fp16 --force \
+            2> "$W/err.log" || { tail -5 "$W/err.log"; rc=1; continue; }
+        for set in ${OPTS_SETS:-- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1}; do
+            k=$((k + 1))
+            [ "$set" = - ] && set=""
+            echo "-- d$d batch $b, ACTVAR_ORT_CUDA_OPTIONS='$set'"
+            ACTVAR_ORT_CUDA_OPTIONS=$set python3 -m actvar_export bench --bundle "$W/o_d${d}_b$b" --iters "${OPTS_ITERS:-5}" \
+                "${prof[@]}" --json "$OUT/ortopts_d${d}_b${b}_$k.json" 2> "$W/err.log" |
+                grep -E "images / s|CUDA graphs|peak|ms / batch" || { rc=1; tail -5 "$W/err.log"; }
+        done
+        rm -rf "$W/o_d${d}_b$b"
     done
-    rm -rf "$W/o_d${d}_b$b"
     return $rc
 }
 
