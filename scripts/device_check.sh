@@ -7,8 +7,9 @@
 # through the CUDA EP, reports under $OUT), ortops (the
 # ONNX Runtime custom-op library plugins/ort and its GPU tests), trtplugins (the TensorRT plugin library's test
 # program: enqueue on the GPU compared with the reference ops), probe (the expert GEMMs alone,
-# benchmarks/gemm_probe.cu; not in the default list), ortopts (the runtime under sets of extra CUDA provider options;
-# not in the default list), triton_gpus (Triton with the instances on GPU 0 vs on every GPU:
+# benchmarks/gemm_probe.cu; not in the default list), ortopts (the runtime under several environments: an A/B of
+# its settings; not in the default list), ortpytest (GPU tests that need onnxruntime-gpu), py (one Python file with
+# onnxruntime-gpu on the path, PY_FILE), triton_gpus (Triton with the instances on GPU 0 vs on every GPU:
 # images/s ratio and checked images; needs 2+ GPUs, not in the default list). Other sections can be added as functions named
 # section_<name> and listed in ALL.
 # Results: logs and JSON under $OUT (default ./device_out); the tables are printed last.
@@ -162,14 +163,15 @@ section_ort() {
 }
 
 section_ortopts() {
-    # The runtime alone (no eager side) on one bundle per configuration under several sets of extra CUDA provider
-    # options (ACTVAR_ORT_CUDA_OPTIONS, README "The runtime"), in one process each, same bundle: an A/B of ONNX
-    # Runtime's options. OPTS_CONFIGS "depth:batch ..." (default 16:16); OPTS_SETS space-separated sets, "-" = none
-    # (default "- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1"); OPTS_ITERS (default 5);
-    # OPTS_PROFILE=1 adds the kernel profile to each JSON.
-    echo "== ortopts: the runtime under extra CUDA provider options"
+    # The runtime alone (no eager side) on one bundle per configuration under several environments, one process
+    # each, same bundle: an A/B of the runtime's settings (README "The runtime"). OPTS_CONFIGS "depth:batch ..."
+    # (default 16:16); OPTS_SETS space-separated environments, each "-" (none) or NAME=value[;NAME=value], e.g.
+    # ACTVAR_ORT_VARIANTS=0 (the portable decoder on CUDA) or ACTVAR_ORT_CUDA_OPTIONS=fuse_conv_bias=1
+    # (default "- ACTVAR_ORT_VARIANTS=0 ACTVAR_ORT_CUDA_OPTIONS=fuse_conv_bias=1"); OPTS_ITERS (default 5);
+    # OPTS_PROFILE=1 adds the kernel profile to each JSON (ortopts_d<D>_b<B>_<k>.json, k = the set's position).
+    echo "== ortopts: the runtime under several environments"
     ort_gpu_site || return 1
-    local W=/tmp/ortrt rc=0 c d b set k prof=()
+    local W=/tmp/ortrt rc=0 c d b set k prof=() env=() a
     mkdir -p "$W"
     [ "${OPTS_PROFILE:-0}" = 1 ] && prof=(--profile "$W/profile")
     for c in ${OPTS_CONFIGS:-16:16}; do
@@ -177,17 +179,35 @@ section_ortopts() {
         [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
         python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/o_d${d}_b$b" --batch "$b" --precision fp16 --force \
             2> "$W/err.log" || { tail -5 "$W/err.log"; rc=1; continue; }
-        for set in ${OPTS_SETS:-- fuse_conv_bias=1 prefer_nhwc=1 fuse_conv_bias=1,prefer_nhwc=1}; do
-            k=$((k + 1))
-            [ "$set" = - ] && set=""
-            echo "-- d$d batch $b, ACTVAR_ORT_CUDA_OPTIONS='$set'"
-            ACTVAR_ORT_CUDA_OPTIONS=$set python3 -m actvar_export bench --bundle "$W/o_d${d}_b$b" --iters "${OPTS_ITERS:-5}" \
+        for set in ${OPTS_SETS:-- ACTVAR_ORT_VARIANTS=0 ACTVAR_ORT_CUDA_OPTIONS=fuse_conv_bias=1}; do
+            k=$((k + 1)); env=()
+            [ "$set" = - ] || { IFS=';' read -ra a <<< "$set"; env=("${a[@]}"); }
+            echo "-- d$d batch $b, environment: ${env[*]:-(none)}"
+            env "${env[@]}" python3 -m actvar_export bench --bundle "$W/o_d${d}_b$b" --iters "${OPTS_ITERS:-5}" \
                 "${prof[@]}" --json "$OUT/ortopts_d${d}_b${b}_$k.json" 2> "$W/err.log" |
                 grep -E "images / s|CUDA graphs|peak|ms / batch" || { rc=1; tail -5 "$W/err.log"; }
         done
         rm -rf "$W/o_d${d}_b$b"
     done
     return $rc
+}
+
+section_ortpytest() {
+    # pytest -m gpu on the tests that need the GPU build of ONNX Runtime (ORT_TESTS, default the NHWC decoder's and
+    # the runtime's), the plugin libraries of section prep/build on their path.
+    echo "== ortpytest: pytest -m gpu with onnxruntime-gpu"
+    ort_gpu_site || return 1
+    ACTVAR_REQUIRE_PLUGINS=1 python3 -m pytest -m gpu ${ORT_TESTS:-tests/test_decoder_nhwc.py tests/test_runtime.py} -q -rs -s \
+        -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ort.log" | tail -25
+    return "${PIPESTATUS[0]}"
+}
+
+section_py() {
+    # one Python file (PY_FILE) with the GPU build of ONNX Runtime on the path: probes of ONNX Runtime's operators
+    echo "== py: $PY_FILE"
+    ort_gpu_site || return 1
+    python3 "$PY_FILE" 2>&1 | tee "$OUT/py.log" | tail -40
+    return "${PIPESTATUS[0]}"
 }
 
 section_trtplugins() {
