@@ -20,7 +20,6 @@ MANIFEST = "manifest.json"
 DIGESTS = "manifest.sha256.json"    # sha256 of each manifest field: an edited manifest names the field
 FORMAT = 2
 DECODER = "decoder.onnx"
-DECODER_CUDA = "decoder_cuda.onnx"
 GRAPHS_SHARE = 1.05                 # bundle bytes / weights bytes: the graphs take < 2 % (tests/test_export.py)
 
 
@@ -109,17 +108,9 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
         graphs["decoder"] = {"file": DECODER, "inputs": {"f_hat": ("float32", [batch, 32, 16, 16])},
                              "outputs": {"image": ("float32", [batch, 3, 256, 256])}}
         timings["decoder"] = round(time.time() - t, 3)
-        variants = {}
-        if target == "onnxruntime" and decoder_precision(precision) == "fp16":
-            # the same decoder in NHWC on ONNX Runtime's CUDA contrib operators (the CUDA provider runs it instead)
-            t = time.time()
-            onnx.save(build_decoder(batch, store, precision, layout="nhwc"), tmp / DECODER_CUDA)
-            variants["decoder"] = {"cuda": {"file": DECODER_CUDA, "layout": "nhwc",
-                                            "operators": ["com.microsoft.NhwcConv", "com.microsoft.GroupNorm"]}}
-            timings["decoder_cuda"] = round(time.time() - t, 3)
         bar.update(1)
         bar.close()
-        for gi in [*graphs.values(), *(v for vs in variants.values() for v in vs.values())]:
+        for name, gi in graphs.items():
             onnx.checker.check_model(str(tmp / gi["file"]), full_check=True)
         act = spec.actvar
         files = {}
@@ -144,7 +135,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
             "batch": batch, "precision": precision, "decoder_precision": decoder_precision(precision), "lowering": lowering, "top_k": top_k,
             "target": target, "attention": attention_kind(target, precision), "gelu": gelu_kind(target),
             "sampler": "noise", "opset": OPSET, "ir_version": IR_VERSION,
-            "graphs": graphs, "variants": variants, "carried": carried(spec.var.depth), "files": files, "checkpoint": ck_hash,
+            "graphs": graphs, "carried": carried(spec.var.depth), "files": files, "checkpoint": ck_hash,
             "vae": ({"file": str(Path(vae).resolve()), "sha256": sha256_file(Path(vae))} if vae else "embedded"),
             "versions": _versions(), "export_seconds": timings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "weights_bytes": store.total_bytes,
@@ -172,11 +163,8 @@ class Bundle:
     def batch(self) -> int:
         return self.manifest["batch"]
 
-    def graph_path(self, name: str, provider: Optional[str] = None) -> Path:
-        """The file of graph `name`; with provider ("cuda"), that provider's variant of it where the bundle has one
-        (manifest "variants": the decoder in NHWC for ONNX Runtime's CUDA provider)."""
-        v = self.manifest.get("variants", {}).get(name, {}).get(provider) if provider else None
-        return self.path / (v or self.manifest["graphs"][name])["file"]
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.manifest["graphs"][name]["file"]
 
     @classmethod
     def open(cls, path, verify: bool = True, show_progress: bool = False) -> "Bundle":

@@ -166,8 +166,7 @@ section_ortopts() {
     # The runtime alone (no eager side) on one bundle per configuration under several environments, one process
     # each, same bundle: an A/B of the runtime's settings (README "The runtime"). OPTS_CONFIGS "depth:batch ..."
     # (default 16:16); OPTS_SETS space-separated environments, each "-" (none) or NAME=value[;NAME=value], e.g.
-    # ACTVAR_ORT_VARIANTS=0 (the portable decoder on CUDA) or ACTVAR_ORT_CUDA_OPTIONS=fuse_conv_bias=1
-    # (default "- ACTVAR_ORT_VARIANTS=0 ACTVAR_ORT_CUDA_OPTIONS=fuse_conv_bias=1"); OPTS_ITERS (default 5);
+    # ACTVAR_ORT_CUDA_OPTIONS=prefer_nhwc=1 (default "- ACTVAR_ORT_CUDA_OPTIONS=prefer_nhwc=1"); OPTS_ITERS (default 5);
     # OPTS_PROFILE=1 adds the kernel profile to each JSON (ortopts_d<D>_b<B>_<k>.json, k = the set's position).
     echo "== ortopts: the runtime under several environments"
     ort_gpu_site || return 1
@@ -179,7 +178,7 @@ section_ortopts() {
         [ -f "$W/d$d.pt" ] || python3 -m actvar_export init-ckpt --depth "$d" --out "$W/d$d.pt" > /dev/null || return 1
         python3 -m actvar_export build --ckpt "$W/d$d.pt" --out "$W/o_d${d}_b$b" --batch "$b" --precision fp16 --force \
             2> "$W/err.log" || { tail -5 "$W/err.log"; rc=1; continue; }
-        for set in ${OPTS_SETS:-- ACTVAR_ORT_VARIANTS=0 ACTVAR_ORT_CUDA_OPTIONS=fuse_conv_bias=1}; do
+        for set in ${OPTS_SETS:-- ACTVAR_ORT_CUDA_OPTIONS=prefer_nhwc=1}; do
             k=$((k + 1)); env=()
             [ "$set" = - ] || { IFS=';' read -ra a <<< "$set"; env=("${a[@]}"); }
             echo "-- d$d batch $b, environment: ${env[*]:-(none)}"
@@ -193,11 +192,11 @@ section_ortopts() {
 }
 
 section_ortpytest() {
-    # pytest -m gpu on the tests that need the GPU build of ONNX Runtime (ORT_TESTS, default the NHWC decoder's and
-    # the runtime's), the plugin libraries of section prep/build on their path.
+    # pytest -m gpu on the tests that need the GPU build of ONNX Runtime (ORT_TESTS, default the runtime's and the
+    # launch counts'), the plugin libraries of section prep/build on their path.
     echo "== ortpytest: pytest -m gpu with onnxruntime-gpu"
     ort_gpu_site || return 1
-    ACTVAR_REQUIRE_PLUGINS=1 python3 -m pytest -m gpu ${ORT_TESTS:-tests/test_decoder_nhwc.py tests/test_runtime.py} -q -rs -s \
+    ACTVAR_REQUIRE_PLUGINS=1 python3 -m pytest -m gpu ${ORT_TESTS:-tests/test_runtime.py tests/test_launches.py} -q -rs -s \
         -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ort.log" | tail -25
     return "${PIPESTATUS[0]}"
 }

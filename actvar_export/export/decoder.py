@@ -1,14 +1,8 @@
-"""The VQVAE decoder graph: f_hat (B, 32, 16, 16) -> image (B, 3, 256, 256) in [0, 1].
-
-Two layouts of the same function: `nchw` (standard ONNX operators, every runtime) and `nhwc` (ONNX Runtime's CUDA
-contrib operators: NhwcConv, and GroupNorm with its SiLU in one kernel; fp16 bundles of the onnxruntime target carry it
-beside the portable graph, for the CUDA provider)."""
+"""The VQVAE decoder graph: f_hat (B, 32, 16, 16) -> image (B, 3, 256, 256) in [0, 1]."""
 from __future__ import annotations
 
 from ..vqvae import CH, CH_MULT, NUM_RES_BLOCKS
-from .graph import F32, ORT_DOMAIN, Graph, decoder_precision
-
-LAYOUTS = ("nchw", "nhwc")
+from .graph import F32, Graph, decoder_precision
 
 
 class DecoderBuilder:
@@ -17,11 +11,9 @@ class DecoderBuilder:
     statistics are still accumulated in fp32 by the runtime's kernel) and adds the branches to the stream in fp32,
     as fp16 autocast does."""
 
-    def __init__(self, batch: int, store, precision: str, layout: str = "nchw"):
-        if layout not in LAYOUTS:
-            raise ValueError(layout)
-        self.B, self.nhwc = batch, layout == "nhwc"
-        self.g = Graph("vqvae_decoder" + ("_nhwc" if self.nhwc else ""), store, decoder_precision(precision))
+    def __init__(self, batch: int, store, precision: str):
+        self.B = batch
+        self.g = Graph("vqvae_decoder", store, decoder_precision(precision))
         self._p_of = {}      # fp32 value made by to_f32 -> the graph-precision value it came from
 
     def to_p(self, x_f32):
@@ -35,22 +27,15 @@ class DecoderBuilder:
         return y
 
     def conv(self, x_p, key, k=3):
-        """Conv in the graph precision (input and output); nhwc: NhwcConv on the same (M, C, k, k) weights."""
+        """Conv in the graph precision (input and output)."""
         pad = k // 2
-        ins = [x_p, self.g.w(f"vae.{key}.weight"), self.g.w(f"vae.{key}.bias")]
-        if self.nhwc:
-            return self.g.op("NhwcConv", ins, domain=ORT_DOMAIN, kernel_shape=[k, k], pads=[pad] * 4)
-        return self.g.op("Conv", ins, kernel_shape=[k, k], pads=[pad] * 4)
+        return self.g.op("Conv", [x_p, self.g.w(f"vae.{key}.weight"), self.g.w(f"vae.{key}.bias")],
+                         kernel_shape=[k, k], pads=[pad] * 4)
 
     def group_norm(self, x_p, key, C, side, silu=False):
         """GroupNorm(32, eps 1e-6) of x (B, C, side, side) in the graph precision: InstanceNormalization over each
-        group's (C/32)·side² values, the per-channel affine, then SiLU if asked. nhwc: x (B, side, side, C) through
-        ONNX Runtime's GroupNorm (fp32 statistics, affine and SiLU in fp32, one rounding; its affine in fp32)."""
+        group's (C/32)·side² values, the per-channel affine, then SiLU if asked."""
         g, HW = self.g, side * side
-        if self.nhwc:
-            gamma, beta = (g.cast(g.w(f"vae.{key}.{n}"), F32, g.P) for n in ("weight", "bias"))
-            return g.op("GroupNorm", [x_p, gamma, beta], domain=ORT_DOMAIN, epsilon=1e-6, groups=32,
-                        activation=int(silu), channels_last=1)
         ones, zeros = g.ones_zeros(32, g.P)
         y = g.op("InstanceNormalization", [g.reshape(x_p, self.B, 32, (C // 32) * HW), ones, zeros], epsilon=1e-6)
         y = g.reshape(y, self.B, C, HW)
@@ -69,12 +54,6 @@ class DecoderBuilder:
     def attn(self, x, key, C, side):
         g, HW, B = self.g, side * side, self.B
         h = self.group_norm(self.to_p(x), f"{key}.norm", C, side)
-        if self.nhwc:       # tokens × channels already: (B, HW, 3C) -> q, k, v (B, HW, C)
-            q, k, v = g.op("Split", [g.reshape(self.conv(h, f"{key}.qkv", k=1), B, HW, 3 * C)], n_out=3, axis=2)
-            w = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])])                  # B, HWq, HWk
-            w = g.op("Softmax", [g.op("Mul", [g.to_f32(w), g.scalar(C ** -0.5)])], axis=-1)
-            o = g.reshape(g.op("MatMul", [g.to_p(w), v]), B, side, side, C)
-            return g.op("Add", [x, self.to_f32(self.conv(o, f"{key}.proj_out", k=1))])
         qkv = g.reshape(self.conv(h, f"{key}.qkv", k=1), B, 3, C, HW)
         q, k, v = [g.reshape(g.slice(qkv, [i], [i + 1], [1]), B, C, HW) for i in range(3)]
         w = g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1]), k])                     # B, HWq, HWk
@@ -83,20 +62,9 @@ class DecoderBuilder:
         o = g.reshape(o, B, C, side, side)
         return g.op("Add", [x, self.to_f32(self.conv(o, f"{key}.proj_out", k=1))])
 
-    def upsample(self, h_p, C, side):
-        """Nearest ×2 of h (side -> 2·side): Resize (nchw); nhwc: each pixel repeated by one Expand (same values)."""
-        g, B = self.g, self.B
-        if self.nhwc:
-            y = g.op("Expand", [g.reshape(h_p, B, side, 1, side, 1, C), g.i64(B, side, 2, side, 2, C)])
-            return g.reshape(y, B, 2 * side, 2 * side, C)
-        return g.op("Resize", [h_p, "", "", g.i64(B, C, 2 * side, 2 * side)], mode="nearest",
-                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-
     def build(self):
         g, B = self.g, self.B
         z = g.input("f_hat", F32, [B, 32, 16, 16])
-        if self.nhwc:
-            z = g.op("Transpose", [z], perm=[0, 2, 3, 1])
         h = self.conv(self.conv(g.to_p(z), "post_quant_conv"), "decoder.conv_in")
         h = self.to_f32(h)
         cin, side = CH * CH_MULT[-1], 16
@@ -111,17 +79,16 @@ class DecoderBuilder:
                 if i == len(CH_MULT) - 1:
                     h = self.attn(h, f"decoder.up.{i}.attn.{j}", cin, side)
             if i != 0:
-                up = self.upsample(self.to_p(h), cin, side)
                 side *= 2
+                up = g.op("Resize", [self.to_p(h), "", "", g.i64(B, cin, side, side)], mode="nearest",
+                          coordinate_transformation_mode="asymmetric", nearest_mode="floor")
                 h = self.to_f32(self.conv(up, f"decoder.up.{i}.upsample.conv"))
         h = self.conv(self.group_norm(self.to_p(h), "decoder.norm_out", cin, side, silu=True), "decoder.conv_out")
         img = g.op("Add", [g.op("Mul", [g.op("Clip", [g.to_f32(h), g.scalar(-1.0), g.scalar(1.0)]), g.scalar(0.5)]),
                            g.scalar(0.5)])
-        if self.nhwc:
-            img = g.op("Transpose", [img], perm=[0, 3, 1, 2])
         g.output(img, "image", F32, [B, 3, 256, 256])
         return g.model()
 
 
-def build_decoder(batch: int, store, precision: str, layout: str = "nchw"):
-    return DecoderBuilder(batch, store, precision, layout).build()
+def build_decoder(batch: int, store, precision: str):
+    return DecoderBuilder(batch, store, precision).build()

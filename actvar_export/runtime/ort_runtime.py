@@ -115,9 +115,6 @@ class Runtime:
         if device == "cuda" and bundle.manifest.get("lowering") == "plugin":
             self.cuda_ops = cuda_ops_library(ort.get_available_providers())
         self.cuda_options = extra_cuda_options() if device == "cuda" else {}
-        # graphs the bundle carries a CUDA variant of (the decoder in NHWC) run that variant on CUDA, unless
-        # ACTVAR_ORT_VARIANTS=0 (the portable graphs everywhere: an A/B of the two)
-        self.variant_provider = "cuda" if device == "cuda" and os.environ.get("ACTVAR_ORT_VARIANTS", "1") != "0" else None
         self.dev = torch.device(device, device_id) if device == "cuda" else torch.device("cpu")
         self.device_id = device_id
         self.cuda_graphs = bool(cuda_graphs and device == "cuda")
@@ -126,7 +123,6 @@ class Runtime:
         self.stream = torch.cuda.Stream(self.dev) if device == "cuda" else None
         self._sessions: Dict[Tuple[str, bool], object] = {}
         self._graph_state: Dict[str, str] = {}       # graph -> "graph" or the reason it runs without one
-        self._variant_failed: Dict[str, str] = {}    # graph -> why its CUDA variant did not load (portable instead)
         self.emulated: Dict[str, object] = {}        # graph -> {"fp16"/"bf16": nodes emulated in fp32} (CPU)
         self._weights = None
         self._inits: Dict[str, tuple] = {}           # name -> (torch view, OrtValue)
@@ -167,8 +163,7 @@ class Runtime:
     def _create(self, name: str, graphs: bool):
         import onnx
         ort = self.ort
-        path = self.bundle.graph_path(name, None if name in self._variant_failed else self.variant_provider)
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(self.bundle.graph_path(name)), load_external_data=False)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.bundle.path))
@@ -205,10 +200,7 @@ class Runtime:
                 self._graph_state[name] = f"no CUDA graph ({msg})"
                 self._sessions[(name, False)] = s = self.session(name, False)
                 return s
-            if path != self.bundle.graph_path(name):     # the CUDA variant: the portable graph instead, reported
-                self._variant_failed[name] = msg
-                return self._create(name, graphs)
-            raise ActVarError(f"{path}: ONNX Runtime cannot load it ({msg})") from None
+            raise ActVarError(f"{self.bundle.graph_path(name)}: ONNX Runtime cannot load it ({msg})") from None
         if graphs:
             self._graph_state[name] = "graph"
         return s
@@ -239,12 +231,8 @@ class Runtime:
             return f"CUDA graphs: off ({self.device})"
         done = [n for n, s in self._graph_state.items() if s == "graph"]
         other = {n: s for n, s in self._graph_state.items() if s != "graph"}
-        variants = [n for n in self._graph_state if n not in self._variant_failed
-                    and self.bundle.graph_path(n, self.variant_provider) != self.bundle.graph_path(n)]
         return (f"CUDA graphs: {len(done)}/{len(self._graph_state)} graphs ({', '.join(done) or 'none'})"
-                + "".join(f"; {n}: {s}" for n, s in other.items())
-                + (f"; CUDA variant of {', '.join(variants)}" if variants else "")
-                + "".join(f"; {n}: portable graph (its CUDA variant: {m})" for n, m in self._variant_failed.items()))
+                + "".join(f"; {n}: {s}" for n, s in other.items()))
 
     # ---------------- one graph, host arrays ----------------
     def infer(self, name: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

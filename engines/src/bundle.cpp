@@ -112,10 +112,6 @@ Bundle Bundle::open(const std::string& dir, bool verify_digests) {
             for (auto& [n, t] : g.at("outputs").items()) gs.outputs[n] = tensor_spec(t);
             b.graphs[name] = gs;
         }
-        field = "variants";      // optional: bundles without variants run their portable graphs everywhere
-        if (m.contains("variants"))
-            for (auto& [name, provs] : m.at("variants").items())
-                for (auto& [prov, v] : provs.items()) b.variants[name][prov] = v.at("file").get<std::string>();
         field = "files";
         const json& files = m.at("files");
         for (auto& [name, meta] : files.items()) {      // the checks of Bundle.open, in its order
@@ -138,10 +134,6 @@ Bundle Bundle::open(const std::string& dir, bool verify_digests) {
             if (!files.contains(b.graphs[g].file))
                 throw Error(mpath + ": graph " + g + " file " + b.graphs[g].file + " is not listed in 'files'");
         }
-        for (auto& [name, provs] : b.variants)
-            for (auto& [prov, file] : provs)
-                if (!files.contains(file))
-                    throw Error(mpath + ": the " + prov + " variant of " + name + " (" + file + ") is not listed in 'files'");
         if (!files.contains("weights.bin")) throw Error(mpath + ": weights.bin is not listed in 'files'");
     } catch (const json::exception& e) {
         throw Error(mpath + ": field '" + field + "' missing or malformed (" + e.what() + ")");

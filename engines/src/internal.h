@@ -42,8 +42,6 @@ inline bool is_carried_output(const std::string& out) {
 struct Bundle {
     BundleInfo info;
     std::map<std::string, GraphSpec> graphs;      // step_0 .. step_9, decoder
-    // graph -> provider ("cuda") -> file of that provider's variant (manifest "variants": the decoder in NHWC)
-    std::map<std::string, std::map<std::string, std::string>> variants;
     static Bundle open(const std::string& dir, bool verify_digests);
     std::string file(const std::string& name) const { return info.path + "/" + name; }
 };

@@ -259,15 +259,14 @@ const float* OrtEngine::run_cuda(const int64_t* labels, const float* u, float cf
 std::string OrtEngine::graph_report() const {
     if (!cuda_) return "";
     if (!opt_.cuda_graphs) return "CUDA graphs: off (--no-cuda-graphs)";
-    std::string done, other, variants;
+    std::string done, other;
     int n = 0;
     for (const OrtGraph& g : graphs_) {
         if (g.cuda_graph) done += std::string(n++ ? ", " : "") + g.name;
         else other += "; " + g.name + ": no CUDA graph (" + g.no_graph_reason + ")";
-        if (g.variant) variants += std::string(variants.empty() ? "" : ", ") + g.name;
     }
     return "CUDA graphs: " + std::to_string(n) + "/" + std::to_string(graphs_.size()) + " graphs (" +
-           (n ? done : "none") + ")" + other + (variants.empty() ? "" : "; CUDA variant of " + variants);
+           (n ? done : "none") + ")" + other;
 }
 
 }  // namespace actvar

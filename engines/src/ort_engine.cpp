@@ -3,7 +3,6 @@
 // output buffer is allocated once (outputs preallocated and passed to Run).
 #include "ort_engine.h"
 
-#include <cstdlib>
 #include <cstring>
 
 namespace actvar {
@@ -172,13 +171,6 @@ void OrtEngine::load(const std::string& name) {
     OrtGraph& g = graphs_.emplace_back();
     g.name = name;
     g.path = bundle_.file(bundle_.graphs.at(name).file);
-    // on CUDA, the bundle's CUDA variant of this graph where it has one (ACTVAR_ORT_VARIANTS=0: the portable graph)
-    const char* use_variants = std::getenv("ACTVAR_ORT_VARIANTS");
-    const auto v = bundle_.variants.find(name);
-    if (cuda_ && v != bundle_.variants.end() && v->second.count("cuda") && !(use_variants && std::string(use_variants) == "0")) {
-        g.path = bundle_.file(v->second.at("cuda"));
-        g.variant = true;
-    }
     const std::string& path = g.path;
     std::vector<const char*> names;
     std::vector<const OrtValue*> values;

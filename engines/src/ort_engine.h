@@ -24,7 +24,6 @@ struct OrtGraph {
     std::string name, path;
     OrtSession* session = nullptr;
     bool cuda_graph = false;        // CUDA: the session runs as a CUDA graph
-    bool variant = false;           // CUDA: the bundle's CUDA variant of the graph (manifest "variants")
     std::string no_graph_reason;    // CUDA: why ONNX Runtime refused to capture this graph
     std::vector<std::string> in_names, out_names;
     std::vector<ONNXTensorElementDataType> out_types;
