@@ -98,9 +98,15 @@ def main():
             rate = done / a.seconds
             rows[f"triton_{n}_clients"] = {"images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3),
                                           **span}
+            cycle = 1e3 * a.seconds / span["executions"] if span["executions"] else float("nan")
+            rows[f"triton_{n}_clients"]["ms_per_cycle"] = round(cycle, 2)
+            ex = span["ms_per_execution"]
             print(f"triton, {n:>2} clients (gRPC, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of "
                   f"in-process); {span['requests_per_execution']} requests per execution of batch {a.batch} "
-                  f"({span['executions']} executions: {span['batches']})", flush=True)
+                  f"({span['executions']} executions: {span['batches']}); per execution {cycle:.1f} ms from one to the "
+                  f"next, of which the model's input {ex.get('compute_input')} ms, execute() {ex.get('compute_infer')} ms, "
+                  f"output {ex.get('compute_output')} ms; queue {span['queue_ms_per_request']} ms per request "
+                  f"(in-process {1e3 * a.batch / inproc:.1f} ms per batch)", flush=True)
     res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": delay,
            "clients": "one process each, gRPC", "results": rows}
     if a.json:

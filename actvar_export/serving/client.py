@@ -89,8 +89,14 @@ class ActVarClient:
         st = next((m for m in st if m["name"] == self.model), None) if st else None
         if st is None:
             raise ActVarError(f"{self.url} ({self.protocol}): no statistics for model {self.model!r}")
+        ns = lambda d: int(d.get("ns", 0))        # noqa: E731  (gRPC's JSON gives int64 counters as strings)
+        inf = st.get("inference_stats", {})
         return {"executions": int(st.get("execution_count", 0)), "requests": int(st.get("inference_count", 0)),
-                "batches": {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in st.get("batch_stats", [])}}
+                "batches": {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in st.get("batch_stats", [])},
+                # per-execution times (ns, summed over executions): the model's input, execute() and output stages
+                "execution_ns": {k: sum(ns(b.get(k, {})) for b in st.get("batch_stats", []))
+                                 for k in ("compute_input", "compute_infer", "compute_output")},
+                "queue_ns": ns(inf.get("queue", {}))}
 
     def close(self) -> None:
         self.client.close()
@@ -106,8 +112,12 @@ def batching_between(before: dict, after: dict) -> dict:
     """The executions of a span between two `ActVarClient.batching` readings, with requests per execution."""
     ex, rq = after["executions"] - before["executions"], after["requests"] - before["requests"]
     sizes = {k: n - before["batches"].get(k, 0) for k, n in after["batches"].items()}
+    ms = lambda a, b, n: round((a - b) / 1e6 / n, 3) if n else None      # noqa: E731
     return {"executions": ex, "requests": rq, "requests_per_execution": round(rq / ex, 3) if ex else None,
-            "batches": {k: n for k, n in sorted(sizes.items()) if n}}
+            "batches": {k: n for k, n in sorted(sizes.items()) if n},
+            "ms_per_execution": {k: ms(v, before.get("execution_ns", {}).get(k, 0), ex)
+                                 for k, v in after.get("execution_ns", {}).items()},
+            "queue_ms_per_request": ms(after.get("queue_ns", 0), before.get("queue_ns", 0), rq)}
 
 
 def request_images(url: str, labels: Sequence[int], seed: int, protocol: str = "http", cfg: Optional[float] = None,
