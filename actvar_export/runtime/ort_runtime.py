@@ -186,6 +186,10 @@ class Runtime:
                 self._python_custom_ops(model, so)
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
+            # every node runs on the GPU: no CPU thread pool per session, no worker threads spinning after each run
+            # (they would take the CPU from whatever runs between generations: a server's requests and responses)
+            so.intra_op_num_threads = so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts = {"device_id": str(self.device_id), "use_tf32": "0" if self.bundle.manifest["precision"] == "fp32" else "1",
                     "user_compute_stream": str(self.stream.cuda_stream), "has_user_compute_stream": "1",
                     **self.cuda_options}

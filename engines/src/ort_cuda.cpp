@@ -120,6 +120,11 @@ std::vector<std::pair<std::string, std::string>> extra_cuda_options() {
 void OrtEngine::append_cuda_provider(OrtSessionOptions* so, bool cuda_graph) {
     const auto extra = extra_cuda_options();     // (a malformed variable fails before anything is created)
     ort_check(api_.AddSessionConfigEntry(so, "session.use_env_allocators", "1"), "ONNX Runtime: config");
+    // every node runs on the GPU: no CPU thread pool per session, no worker threads spinning after each run
+    // (they would take the CPU from whatever runs between generations: a server's requests and responses)
+    ort_check(api_.SetIntraOpNumThreads(so, 1), "ONNX Runtime: threads");
+    ort_check(api_.SetInterOpNumThreads(so, 1), "ONNX Runtime: threads");
+    ort_check(api_.AddSessionConfigEntry(so, "session.intra_op.allow_spinning", "0"), "ONNX Runtime: config");
     OrtCUDAProviderOptionsV2* cuda = nullptr;
     ort_check(api_.CreateCUDAProviderOptions(&cuda), "ONNX Runtime: CUDA provider options");
     const std::string id = std::to_string(opt_.device_id);
