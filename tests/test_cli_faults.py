@@ -303,7 +303,10 @@ def test_signal_during_build(sig, d8, tmp_path):
     next build of the same --out removes it (but not the temporary directory of a live build) and succeeds."""
     out = tmp_path / "bundle"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(_build_cmd(d8, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child (a shell's background job, e.g. a CI runner's, inherits it ignored, and
+    # Python then installs no KeyboardInterrupt handler): the test is of the build's handling, not of the parent's
+    proc = subprocess.Popen(_build_cmd(d8, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not _temps(out) and proc.poll() is None and time.time() - t0 < 240:
         time.sleep(0.05)
