@@ -132,7 +132,7 @@ section_ort() {
     #   ORT_ITERS    timed runs per side (default 10); ORT_PROFILE=1 adds the kernel profile to each bench
     #   batch-1 runs also generate once without CUDA graphs / bound buffers and compare the ids (--check-ids)
     #   ORT_EXACT=0  skips the fp32 exactness check (d16 batch 1, TF32 off, teacher-forced per scale)
-    #   ACTVAR_ORT_CUDA_OPTIONS="fuse_conv_bias=1,..." extra CUDA provider options for the runtime (recorded in the JSON)
+    #   ACTVAR_ORT_CUDA_OPTIONS="prefer_nhwc=1,..." extra CUDA provider options for the runtime (recorded in the JSON)
     echo "== ort: bundle runtime (ONNX Runtime CUDA) vs eager PyTorch"
     ort_gpu_site || return 1
     local W=/tmp/ortrt rc=0 c d b chk prof=()

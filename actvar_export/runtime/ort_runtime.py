@@ -18,8 +18,8 @@ Buffer plan (the same on both providers; torch tensors on the device, torch CPU 
   says which steps run as graphs. All sessions run on one stream the runtime owns, without host syncs
   between steps.
 - ACTVAR_ORT_CUDA_OPTIONS="key=value,..." adds CUDA provider options of ONNX Runtime to every session (e.g.
-  `fuse_conv_bias=1`, `prefer_nhwc=1`, `cudnn_conv_algo_search=HEURISTIC`); the C++ runtime reads the same
-  variable. The options the runtime sets itself (device, stream, CUDA graphs, TF32) cannot be given there.
+  `prefer_nhwc=1`, `cudnn_conv_algo_search=HEURISTIC`; not `fuse_conv_bias=1`, see README); the C++ runtime reads
+  the same variable. The options the runtime sets itself (device, stream, CUDA graphs, TF32) cannot be given there.
 """
 from __future__ import annotations
 
