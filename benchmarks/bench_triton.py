@@ -1,7 +1,7 @@
 """Triton serving throughput: images/second of the `python` repository of a random-weight bundle at
 1, 4 and 16 concurrent clients (one image per request, so the dynamic batcher must pack requests into
 the bundle's static batch) beside the in-process runtime at the same batch. Each client is its own process (as
-independent clients are: no client shares an interpreter lock with another), keeps one gRPC connection and sends its
+independent clients are: no client shares an interpreter lock with another), keeps one connection (gRPC, or HTTP with --protocols) and sends its
 next request as soon as its response is back; a level counts the responses received between a common start and stop
 time. Triton's statistics give each level's requests per execution: every execution runs one padded static batch,
 so images/s ~ in-process x (requests per execution / batch). Prints a table, writes JSON.
@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 
-def _client(url: str, k: int, start: float, stop: float, out) -> None:
+def _client(url: str, protocol: str, k: int, start: float, stop: float, out) -> None:
     """One client process: requests one image at a time from `start` until `stop`; puts the responses received
     in that span (a request still in flight at `stop` is not counted)."""
     from actvar_export.serving.client import ActVarClient
-    with ActVarClient(url, "grpc") as c:
+    with ActVarClient(url, protocol) as c:
         c.images([k % 1000], k)                     # connected and warm before the span
         while time.time() < start:
             time.sleep(0.001)
@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--protocols", default="grpc", help="Comma list (grpc, http): every level runs once per protocol.")
     ap.add_argument("--seconds", type=float, default=30, help="Measured time per concurrency level.")
     ap.add_argument("--delay-us", type=int, default=None,
                     help="Dynamic batcher's max queue delay (default: the repository writer's).")
@@ -80,12 +81,14 @@ def main():
     repo = write_repository(bdir, wd / "repo", max_queue_delay_us=delay, force=True)
     with TritonServer(repo) as srv, ActVarClient(srv.grpc_url, "grpc") as probe:
         probe.images([0], 0)                      # warm
-        for n in [int(c) for c in a.clients.split(",")]:
+        levels = [(int(c), p) for c in a.clients.split(",") for p in a.protocols.split(",")]
+        for n, protocol in levels:
+            url = srv.grpc_url if protocol == "grpc" else srv.http_url
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
             start = time.time() + 10 + 0.5 * n               # the processes import, connect and warm up first
             stop = start + a.seconds
-            procs = [ctx.Process(target=_client, args=(srv.grpc_url, k, start, stop, q)) for k in range(n)]
+            procs = [ctx.Process(target=_client, args=(url, protocol, k, start, stop, q)) for k in range(n)]
             for pr in procs:
                 pr.start()
             while time.time() < start:
@@ -96,19 +99,20 @@ def main():
                 pr.join()
             span = batching_between(before, probe.batching())
             rate = done / a.seconds
-            rows[f"triton_{n}_clients"] = {"images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3),
+            key = f"triton_{n}_clients" + ("" if protocol == "grpc" else f"_{protocol}")
+            rows[key] = {"protocol": protocol, "images_per_s": round(rate, 2), "ratio_to_in_process": round(rate / inproc, 3),
                                           **span}
             cycle = 1e3 * a.seconds / span["executions"] if span["executions"] else float("nan")
-            rows[f"triton_{n}_clients"]["ms_per_cycle"] = round(cycle, 2)
+            rows[key]["ms_per_cycle"] = round(cycle, 2)
             ex = span["ms_per_execution"]
-            print(f"triton, {n:>2} clients (gRPC, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of "
+            print(f"triton, {n:>2} clients ({protocol}, 1 image/request): {rate:.2f} images/s ({100 * rate / inproc:.0f} % of "
                   f"in-process); {span['requests_per_execution']} requests per execution of batch {a.batch} "
                   f"({span['executions']} executions: {span['batches']}); per execution {cycle:.1f} ms from one to the "
                   f"next, of which the model's input {ex.get('compute_input')} ms, execute() {ex.get('compute_infer')} ms, "
                   f"output {ex.get('compute_output')} ms; queue {span['queue_ms_per_request']} ms per request "
                   f"(in-process {1e3 * a.batch / inproc:.1f} ms per batch)", flush=True)
     res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": delay,
-           "clients": "one process each, gRPC", "results": rows}
+           "clients": f"one process each ({a.protocols})", "results": rows}
     if a.json:
         write_json_atomic(a.json, res)
 

@@ -347,9 +347,18 @@ section_triton() {
     export PIP_NO_INDEX=1 PIP_FIND_LINKS=$TRITON_WHEELS
     # the server binary is located, not imported (pytriton's own client needs gevent, absent here)
     python3 -c "import importlib.util, tritonclient.grpc; assert importlib.util.find_spec('pytriton'), 'no pytriton'" || return 1
-    python3 benchmarks/bench_triton.py ${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16} \
-        --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton.json" 2>&1 | tee "$OUT/bench_triton.log" | tail -20
-    return ${PIPESTATUS[0]}
+    # TRITON_BENCH_ARGS: the benchmark's arguments; several runs separated by ';' (JSON bench_triton.json, then
+    # bench_triton_2.json, ...), e.g. "--batch 16 --clients 1,4,16; --batch 8 --clients 16"
+    local runs i=0 args tag rc=0
+    IFS=';' read -ra runs <<< "${TRITON_BENCH_ARGS:---depth 16 --batch 16 --precision fp16}"
+    for args in "${runs[@]}"; do
+        i=$((i + 1)); tag=$([ $i = 1 ] && echo "" || echo "_$i")
+        echo "-- bench_triton.py $args"
+        python3 benchmarks/bench_triton.py $args --workdir "/tmp/tritonbench_$$" --json "$OUT/bench_triton$tag.json" 2>&1 |
+            tee "$OUT/bench_triton$tag.log" | tr '\r' '\n' | grep -v '%|' | tail -12
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+    done
+    return $rc
 }
 
 section_triton_gpus() {
