@@ -500,7 +500,8 @@ def serve(repo, http_port, grpc_port, gpus):
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True, help="Triton's HTTP or gRPC endpoint.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
 @click.option("--raw", type=click.Path(path_type=Path), default=None, help="Also write the uint8 images (N, 256, 256, 3) as .npy  [default: none]")
-def request(url, classes, seed, cfg, top_p, protocol, out, raw):
+@click.option("--shared-memory", is_flag=True, help="On the server's host: receive the images through a system shared-memory region instead of the connection.")
+def request(url, classes, seed, cfg, top_p, protocol, out, raw, shared_memory):
     """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw).
 
     \b
@@ -516,7 +517,7 @@ def request(url, classes, seed, cfg, top_p, protocol, out, raw):
         opt.output_file(raw, "--raw")
     check_job(labels, seed, DEFAULT_CFG if cfg is None else cfg, DEFAULT_TOP_P if top_p is None else top_p)
     t = time.time()
-    images = request_images(url, labels, seed, protocol, cfg, top_p)
+    images = request_images(url, labels, seed, protocol, cfg, top_p, shared_memory=shared_memory)
     save_grid(images, out, labels=[f"class {c}" for c in labels], title=f"triton {url} seed={seed}")
     if raw:
         save_raw(images, raw)

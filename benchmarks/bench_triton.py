@@ -20,7 +20,7 @@ def _client(url: str, protocol: str, k: int, start: float, stop: float, out) -> 
     """One client process: requests one image at a time from `start` until `stop`; puts the responses received
     in that span (a request still in flight at `stop` is not counted)."""
     from actvar_export.serving.client import ActVarClient
-    with ActVarClient(url, protocol) as c:
+    with ActVarClient(url, protocol.split("+")[0], shared_memory=protocol.endswith("+shm")) as c:
         c.images([k % 1000], k)                     # connected and warm before the span
         while time.time() < start:
             time.sleep(0.001)
@@ -39,7 +39,8 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--protocols", default="grpc", help="Comma list (grpc, http): every level runs once per protocol.")
+    ap.add_argument("--protocols", default="grpc", help="Comma list of grpc, http, grpc+shm, http+shm (+shm: the images "
+                    "come through a system shared-memory region of the client's): every level runs once per protocol.")
     ap.add_argument("--seconds", type=float, default=30, help="Measured time per concurrency level.")
     ap.add_argument("--delay-us", type=int, default=None,
                     help="Dynamic batcher's max queue delay (default: the repository writer's).")
@@ -83,7 +84,7 @@ def main():
         probe.images([0], 0)                      # warm
         levels = [(int(c), p) for c in a.clients.split(",") for p in a.protocols.split(",")]
         for n, protocol in levels:
-            url = srv.grpc_url if protocol == "grpc" else srv.http_url
+            url = srv.grpc_url if protocol.startswith("grpc") else srv.http_url
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
             start = time.time() + 10 + 0.5 * n               # the processes import, connect and warm up first

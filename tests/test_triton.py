@@ -94,6 +94,31 @@ def test_http_and_grpc_images_equal_sample_raw(server, bundle, tmp_path):
     assert "3 images" in r.stdout
     assert np.array_equal(np.load(tmp_path / "h.npy"), ref)
     assert np.array_equal(request_images(server["grpc"], [207, 360, 387], 5, "grpc"), ref)
+    r = cli("request", "--url", server["grpc"], "--protocol", "grpc", "--shared-memory", "--classes", "207,360,387",
+            "--seed", 5, "--out", tmp_path / "g.png", "--raw", tmp_path / "g.npy")
+    assert np.array_equal(np.load(tmp_path / "g.npy"), ref)
+
+
+def test_shared_memory_outputs(server, bundle):
+    """Images through a client's system shared-memory region equal those sent over the connection, the region grows
+    for a larger request, and closing the client unregisters and removes it."""
+    import tritonclient.grpc as tg
+    from actvar_export.serving.client import ActVarClient
+    with ActVarClient(server["http"], "http") as plain:
+        ref1, ref3 = plain.images([5], 1), plain.images([7, 8, 9], 2)
+    assert not np.array_equal(ref1[0], ref3[0])
+    for protocol in ("http", "grpc"):
+        with ActVarClient(server[protocol], protocol, shared_memory=True) as c:
+            assert np.array_equal(c.images([5], 1), ref1)
+            first = c._region[0]
+            assert np.array_equal(c.images([7, 8, 9], 2), ref3)            # a larger region replaces the first
+            assert np.array_equal(c.images([5], 1), ref1)                   # the larger region serves a smaller request
+            name = c._region[0]
+            assert name != first and Path(f"/dev/shm/{name}").exists()
+        assert not Path(f"/dev/shm/{name}").exists()
+        g = tg.InferenceServerClient(server["grpc"])
+        assert not [r for r in g.get_system_shared_memory_status(as_json=True).get("regions", {}) if "actvar_" in r]
+        g.close()
 
 
 def test_concurrent_clients_packed(server, bundle):

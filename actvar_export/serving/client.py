@@ -36,13 +36,22 @@ def split_url(url: str, protocol: Optional[str] = None) -> Tuple[str, str]:
     return rest.rstrip("/"), scheme
 
 
+IMAGE_BYTES = 256 * 256 * 3
+
+
 class ActVarClient:
     """One client of a served `actvar` model over HTTP or gRPC (tritonclient): `images(...)` per request.
-    One per thread (tritonclient's clients are not shared between concurrent calls)."""
+    One per thread (tritonclient's clients are not shared between concurrent calls).
 
-    def __init__(self, url: str, protocol: str = "http", model: str = "actvar", timeout_s: float = 600):
+    shared_memory=True (a client on the server's host): the server writes the images into a system shared-memory
+    region of this client's (registered with the server, grown for larger requests, removed on close) instead of
+    sending them over the connection."""
+
+    def __init__(self, url: str, protocol: str = "http", model: str = "actvar", timeout_s: float = 600,
+                 shared_memory: bool = False):
         self.m = _module(protocol)
         self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, timeout_s
+        self.shared_memory, self._region = shared_memory, None    # (name, handle, byte size)
         if protocol == "http":
             self.client = self.m.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
         else:
@@ -76,9 +85,41 @@ class ActVarClient:
             t.set_data_from_numpy(a)
             inputs.append(t)
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        res = self._call("infer", self.client.infer, self.model, inputs, outputs=[m.InferRequestedOutput("images")], **kw)
-        images = res.as_numpy("images")
-        return images.reshape((-1,) + images.shape[-3:])
+        out = m.InferRequestedOutput("images")
+        if self.shared_memory:
+            name, handle, size = self._region_for(len(labels) * IMAGE_BYTES)
+            out.set_shared_memory(name, size)
+        res = self._call("infer", self.client.infer, self.model, inputs, outputs=[out], **kw)
+        if not self.shared_memory:
+            images = res.as_numpy("images")
+            return images.reshape((-1,) + images.shape[-3:])
+        import tritonclient.utils.shared_memory as shm
+        o = res.get_output("images")
+        shape = [int(d) for d in (o["shape"] if isinstance(o, dict) else o.shape)]
+        return shm.get_contents_as_numpy(handle, np.uint8, shape).reshape((-1, 256, 256, 3)).copy()
+
+    def _region_for(self, nbytes: int):
+        """This client's registered shared-memory region, grown to at least `nbytes`."""
+        if self._region is None or self._region[2] < nbytes:
+            import os
+            import uuid
+            import tritonclient.utils.shared_memory as shm
+            self._drop_region()
+            name = f"actvar_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+            handle = shm.create_shared_memory_region(name, "/" + name, nbytes)
+            self._region = (name, handle, nbytes)
+            self._call("shared-memory registration", self.client.register_system_shared_memory, name, "/" + name, nbytes)
+        return self._region
+
+    def _drop_region(self) -> None:
+        if self._region is not None:
+            import tritonclient.utils.shared_memory as shm
+            name, handle, _ = self._region
+            self._region = None
+            try:
+                self.client.unregister_system_shared_memory(name)
+            finally:
+                shm.destroy_shared_memory_region(handle)
 
     def batching(self) -> dict:
         """The model's counters from Triton's statistics: {"executions", "requests" (rows of the batch dimension: one
@@ -99,7 +140,10 @@ class ActVarClient:
                 "queue_ns": ns(inf.get("queue", {}))}
 
     def close(self) -> None:
-        self.client.close()
+        try:
+            self._drop_region()
+        finally:
+            self.client.close()
 
     def __enter__(self):
         return self
@@ -121,7 +165,8 @@ def batching_between(before: dict, after: dict) -> dict:
 
 
 def request_images(url: str, labels: Sequence[int], seed: int, protocol: str = "http", cfg: Optional[float] = None,
-                   top_p: Optional[float] = None, model: str = "actvar", timeout_s: float = 600) -> np.ndarray:
+                   top_p: Optional[float] = None, model: str = "actvar", timeout_s: float = 600,
+                   shared_memory: bool = False) -> np.ndarray:
     """uint8 images (n, 256, 256, 3) for one request."""
-    with ActVarClient(url, protocol, model, timeout_s) as c:
+    with ActVarClient(url, protocol, model, timeout_s, shared_memory) as c:
         return c.images(labels, seed, cfg, top_p)
