@@ -17,6 +17,13 @@ def to_uint8(images_B3HW) -> np.ndarray:
     return np.rint(np.clip(x, 0, 1) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def to_uint8_tensor(images_B3HW):
+    """to_uint8 on a torch tensor where it lives (e.g. the GPU): the same clamp, ×255 in float32 and round half to
+    even, bit for bit; uint8 (B, H, W, 3) as a permuted view (copy it into a buffer or call .contiguous())."""
+    import torch
+    return images_B3HW.float().clamp(0, 1).mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def _uint8(images) -> np.ndarray:
     return images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8(images)
 

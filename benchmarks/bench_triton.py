@@ -129,6 +129,10 @@ def main():
         for n, protocol in levels:
             key = f"triton_{n}_clients" + ("" if protocol == "grpc" else f"_{protocol}")
             rows[key] = _level(srv, n, protocol, a, inproc)
+            if a.json:      # after every level: a later failure keeps what was measured
+                write_json_atomic(a.json, {"depth": a.depth, "batch": a.batch, "precision": a.precision,
+                                           "seconds": a.seconds, "delay_us": delay,
+                                           "clients": f"one process each ({a.protocols})", "results": rows})
     if a.trace:   # one more run of the last level with Triton's request traces: where each cycle's gap goes
         from actvar_export.serving.trace import gap_breakdown, read_traces
         n, protocol = levels[-1]

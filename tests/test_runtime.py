@@ -41,6 +41,18 @@ def test_generate_matches_the_host_loop(rt, bundle):
     assert sum(int((a != o).sum()) for a, o in zip(ids, other)) > 0     # the check above can fail
 
 
+def test_generate_uint8_is_to_uint8_of_the_float_images(rt):
+    """uint8=True converts on the runtime's device; the images equal images.to_uint8 of the float images, and the
+    float images of the same call's buffers are untouched by it (a later float call still returns them)."""
+    from actvar_export.images import to_uint8
+    lab, u = np.array([7, 900]), noise_for(2, 5, TOTAL_TOKENS).numpy()
+    u8, ids8 = rt.generate(lab, u, 1.5, 0.96, uint8=True)
+    img, ids = rt.generate(lab, u, 1.5, 0.96)
+    assert u8.dtype == np.uint8 and u8.shape == (2, 256, 256, 3) and u8.flags.c_contiguous
+    assert np.array_equal(u8, to_uint8(img)) and u8.std() > 1
+    assert all((a == b).all() for a, b in zip(ids8, ids))
+
+
 def test_buffer_plan(rt, bundle):
     """One copy of the weights (every initializer of every session is a view of one buffer), outputs of
     step si bound at the very addresses step si+1 reads, the environment arena for every session."""

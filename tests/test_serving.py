@@ -74,6 +74,21 @@ def test_to_uint8_equals_torch_rounding():
     assert np.array_equal(to_uint8(x.numpy()), want)
 
 
+def test_to_uint8_tensor_is_to_uint8_bit_for_bit():
+    """The device-side conversion (to_uint8_tensor) against the host one on every rounding tie and its float32
+    neighbours (x·255 within a few ulps of k + 0.5), the ends of [0, 1], values outside it, and fp16 input."""
+    from actvar_export.images import to_uint8, to_uint8_tensor
+    ties = np.float32((np.arange(256) + 0.5) / 255)
+    near = np.concatenate([ties + np.float32(d) * np.spacing(ties) for d in range(-4, 5)])
+    x = np.concatenate([near, np.float32([0, 1, -0.3, 1.7, 1e-9, 1 - 2 ** -24, 0.5])])
+    x = np.resize(x, 3 * 8 * ((x.size + 23) // 24) * 1).reshape(-1, 3, 8, 1).astype(np.float32)
+    got = to_uint8_tensor(torch.from_numpy(x)).contiguous().numpy()
+    assert np.array_equal(got, to_uint8(x))
+    assert len(np.unique(to_uint8(x))) > 200                     # the sweep crosses (nearly) every level
+    h = torch.from_numpy(x).half()
+    assert np.array_equal(to_uint8_tensor(h).contiguous().numpy(), to_uint8(h.float().numpy()))
+
+
 def test_request_noise_is_the_requests_uniforms():
     from actvar_export.config import TOTAL_TOKENS
     from actvar_export.sampling import noise_for, request_noise

@@ -337,6 +337,8 @@ class Runtime:
         pin = self.device == "cuda"       # page-locked host copies: one asynchronous copy each, then one sync
         plan["host_idx"] = torch.empty(B * TOTAL_TOKENS, dtype=torch.int64, pin_memory=pin)
         plan["host_image"] = torch.empty(B * 3 * 256 * 256, dtype=torch.float32, pin_memory=pin)
+        plan["image_u8"] = new(B * 256 * 256 * 3, torch.uint8)
+        plan["host_image_u8"] = torch.empty(B * 256 * 256 * 3, dtype=torch.uint8, pin_memory=pin)
         ro = self.ort.RunOptions()
         ro.add_run_config_entry("disable_synchronize_execution_providers", "1")   # one sync at the end
         plan["run_options"] = ro
@@ -344,10 +346,15 @@ class Runtime:
         self.log(self.graph_report())
         return plan
 
+    generates_uint8 = True      # generate(..., uint8=True): BundleGenerator takes the images as uint8 from here
+
     def generate(self, labels_B: np.ndarray, u_BL: np.ndarray, cfg: float, top_p: float, decode: bool = True,
-                 progress: Optional[Callable[[int], None]] = None):
+                 progress: Optional[Callable[[int], None]] = None, uint8: bool = False):
         """The ten scales (and the decoder) on the device with the bound buffers.
-        Returns (images (B,3,256,256) float32 in [0,1] or None, ids: per-scale int64 (B, pn²))."""
+        Returns (images (B,3,256,256) float32 in [0,1] or None, ids: per-scale int64 (B, pn²)); uint8=True: the
+        images as uint8 (B,256,256,3), converted on the device exactly as images.to_uint8 does (clamp, ×255 in
+        float32, round half to even), so only a quarter of the bytes leave the device and the host does no pass."""
+        from ..images import to_uint8_tensor
         torch = self.torch
         B = self.bundle.batch
         labels_B, u_BL = np.asarray(labels_B), np.asarray(u_BL)
@@ -368,12 +375,20 @@ class Runtime:
                 if progress and si < NUM_SCALES:
                     progress(si)
             p["host_idx"].copy_(p["idx"], non_blocking=True)
-            if decode:
+            if decode and uint8:
+                p["image_u8"].view(B, 256, 256, 3).copy_(to_uint8_tensor(p["image"].view(B, 3, 256, 256)))
+                p["host_image_u8"].copy_(p["image_u8"], non_blocking=True)
+            elif decode:
                 p["host_image"].copy_(p["image"], non_blocking=True)
             if self.stream is not None:
                 self.stream.synchronize()
             ids = p["host_idx"].numpy()
-            images = p["host_image"].view(B, 3, 256, 256).numpy().copy() if decode else None
+            if not decode:
+                images = None
+            elif uint8:
+                images = p["host_image_u8"].view(B, 256, 256, 3).numpy().copy()
+            else:
+                images = p["host_image"].view(B, 3, 256, 256).numpy().copy()
         out, a = [], 0
         for l in SCALE_LENS:
             out.append(ids[B * a:B * (a + l)].reshape(B, l).copy())

@@ -73,10 +73,13 @@ class BundleGenerator:
                 if pad:
                     lab = np.concatenate([lab, np.repeat(lab[-1:], pad)])
                     uu = np.concatenate([uu, np.repeat(uu[-1:], pad, axis=0)])
-                img = self.backend.generate(lab, uu, cfg, top_p, progress=progress)[0]
+                if getattr(self.backend, "generates_uint8", False):     # converted on the device
+                    images.append(self.backend.generate(lab, uu, cfg, top_p, progress=progress, uint8=True)[0][:B - pad])
+                else:
+                    img = self.backend.generate(lab, uu, cfg, top_p, progress=progress)[0]
+                    images.append(to_uint8(np.asarray(img, np.float32)[:B - pad]))
                 self.runs += 1
-                images.append(to_uint8(np.asarray(img, np.float32)[:B - pad]))
-            images = np.concatenate(images)
+            images = images[0] if len(images) == 1 else np.concatenate(images)
             a = 0
             for j in members:
                 n = len(jobs[j].labels)

@@ -96,7 +96,8 @@ class TritonPythonModel:
             try:
                 images = self.gen.run(jobs)
                 for i, (a, b) in spans.items():
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", np.stack(images[a:b]))])
+                    out = images[a][None] if b - a == 1 else np.stack(images[a:b])      # [rows, n, 256, 256, 3]
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", out)])
             except Exception as e:  # a runtime failure fails these requests, not the server
                 for i in spans:
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
