@@ -113,6 +113,11 @@ def test_cuda_graph_ids_equal_plain_run(bundle):
     _, ref_ids, _, _ = run_bundle(rt, lab, u, 1.5, 0.96, decode=False)
     assert all((a == r).all() for a, r in zip(ids, ref_ids))
     assert "11/11" in rt.graph_report(), rt.graph_report()
+    u8, ids8 = rt.generate(lab, u, 1.5, 0.96, uint8=True)        # converted on the GPU, after the captured graphs
+    img, _ = rt.generate(lab, u, 1.5, 0.96)
+    from actvar_export.images import to_uint8
+    assert np.array_equal(u8, to_uint8(img)) and u8.std() > 1
+    assert all((a == r).all() for a, r in zip(ids8, ref_ids))
 
 
 def test_extra_cuda_options_parse_and_refuse():
