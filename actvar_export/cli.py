@@ -500,7 +500,7 @@ def serve(repo, http_port, grpc_port, gpus):
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True, help="Triton's HTTP or gRPC endpoint.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("grid.png"), show_default=True, help="PNG grid to write.")
 @click.option("--raw", type=click.Path(path_type=Path), default=None, help="Also write the uint8 images (N, 256, 256, 3) as .npy  [default: none]")
-@click.option("--shared-memory", is_flag=True, help="On the server's host: receive the images through a system shared-memory region instead of the connection.")
+@click.option("--shared-memory", is_flag=True, help="On the server's host: receive the images through a system shared-memory region instead of the connection  [default: off]")
 def request(url, classes, seed, cfg, top_p, protocol, out, raw, shared_memory):
     """Request images from a served `actvar` model through tritonclient; write a PNG grid (and --raw).
 
