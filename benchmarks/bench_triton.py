@@ -139,8 +139,13 @@ def main():
         tfile = wd / "trace.json"
         tfile.unlink(missing_ok=True)
         with TritonServer(repo, extra_args=[f"--trace-config=triton,file={tfile}", "--trace-config=level=TIMESTAMPS",
-                                            "--trace-config=rate=1", "--trace-config=triton,log-frequency=0"]) as srv:
-            row = _level(srv, n, protocol, a, inproc)
+                                            "--trace-config=rate=1", "--trace-config=triton,log-frequency=0"],
+                          log_path=wd / "tritonserver_traced.log") as srv:
+            try:
+                row = _level(srv, n, protocol, a, inproc)
+            except SystemExit:
+                print(f"traced server's log ({srv.log_path}), last lines:\n{srv.log_tail()}", flush=True)
+                raise
         row["gap_ms"] = gap_breakdown(read_traces(tfile))      # written when the server stops
         rows[f"triton_{n}_clients_{protocol}_traced"] = row
         g = row["gap_ms"]
