@@ -110,7 +110,7 @@ def build_bundle(ckpt: Path, out: Path, vae: Optional[Path] = None, batch: int =
         timings["decoder"] = round(time.time() - t, 3)
         bar.update(1)
         bar.close()
-        for name, gi in graphs.items():
+        for gi in graphs.values():
             onnx.checker.check_model(str(tmp / gi["file"]), full_check=True)
         act = spec.actvar
         files = {}

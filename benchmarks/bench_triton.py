@@ -125,14 +125,14 @@ def main():
     delay = DEFAULT_MAX_QUEUE_DELAY_US if a.delay_us is None else a.delay_us
     repo = write_repository(bdir, wd / "repo", max_queue_delay_us=delay, force=True)
     levels = [(int(c), p) for c in a.clients.split(",") for p in a.protocols.split(",")]
+    res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": delay,
+           "clients": f"one process each ({a.protocols})", "results": rows}
     with TritonServer(repo) as srv:
         for n, protocol in levels:
             key = f"triton_{n}_clients" + ("" if protocol == "grpc" else f"_{protocol}")
             rows[key] = _level(srv, n, protocol, a, inproc)
             if a.json:      # after every level: a later failure keeps what was measured
-                write_json_atomic(a.json, {"depth": a.depth, "batch": a.batch, "precision": a.precision,
-                                           "seconds": a.seconds, "delay_us": delay,
-                                           "clients": f"one process each ({a.protocols})", "results": rows})
+                write_json_atomic(a.json, res)
     if a.trace:   # one more run of the last level with Triton's request traces: where each cycle's gap goes
         from actvar_export.serving.trace import gap_breakdown, read_traces
         n, protocol = levels[-1]
@@ -154,8 +154,6 @@ def main():
               f"{g.get('last_response_sent')} ({g.get('response_spacing')} apart), first / last next request in "
               f"{g.get('first_request_in')} / {g.get('last_request_in')}, next execute() {g.get('next_execute')} "
               f"(execute() {g.get('execute')})", flush=True)
-    res = {"depth": a.depth, "batch": a.batch, "precision": a.precision, "seconds": a.seconds, "delay_us": delay,
-           "clients": f"one process each ({a.protocols})", "results": rows}
     if a.json:
         write_json_atomic(a.json, res)
 

@@ -375,20 +375,16 @@ class Runtime:
                 if progress and si < NUM_SCALES:
                     progress(si)
             p["host_idx"].copy_(p["idx"], non_blocking=True)
-            if decode and uint8:
-                p["image_u8"].view(B, 256, 256, 3).copy_(to_uint8_tensor(p["image"].view(B, 3, 256, 256)))
-                p["host_image_u8"].copy_(p["image_u8"], non_blocking=True)
-            elif decode:
-                p["host_image"].copy_(p["image"], non_blocking=True)
+            src, host, shape = ((p["image_u8"], p["host_image_u8"], (B, 256, 256, 3)) if uint8 else
+                                (p["image"], p["host_image"], (B, 3, 256, 256)))
+            if decode:
+                if uint8:
+                    src.view(shape).copy_(to_uint8_tensor(p["image"].view(B, 3, 256, 256)))
+                host.copy_(src, non_blocking=True)
             if self.stream is not None:
                 self.stream.synchronize()
             ids = p["host_idx"].numpy()
-            if not decode:
-                images = None
-            elif uint8:
-                images = p["host_image_u8"].view(B, 256, 256, 3).numpy().copy()
-            else:
-                images = p["host_image"].view(B, 3, 256, 256).numpy().copy()
+            images = host.view(shape).numpy().copy() if decode else None
         out, a = [], 0
         for l in SCALE_LENS:
             out.append(ids[B * a:B * (a + l)].reshape(B, l).copy())

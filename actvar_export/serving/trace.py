@@ -2,8 +2,10 @@
 traces (`--trace-config level=TIMESTAMPS`, rate 1, one JSON file). Each trace is one request; requests that share a
 COMPUTE_START ran in one execution. For each pair of consecutive executions the gap from the first's execute()
 returning (COMPUTE_OUTPUT_START) to the next's COMPUTE_START is split into: the output stage (to COMPUTE_END), the
-last response leaving the server (GRPC_SEND_END / HTTP_SEND_END, else REQUEST_END), the next execution's first and
-last requests arriving (REQUEST_START), and the batcher handing them to the model."""
+first and last responses leaving the server (GRPC_SEND_END / HTTP_SEND_END, else REQUEST_END), the next execution's
+first and last requests arriving (REQUEST_START), and the batcher handing them to the model. Beside them: the
+execution's own execute() time and response_spacing, the time between two of its responses becoming complete (the
+backend hands them over one by one)."""
 from __future__ import annotations
 
 import json
